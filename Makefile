@@ -1,0 +1,40 @@
+# herald: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+export DATABASE_URL ?= postgres://root@127.0.0.1:5432/postgres
+export HERALD_DATABASE_URL ?= postgres://root@127.0.0.1:5432/herald
+export REDIS_URL ?= redis://127.0.0.1:6379
+CARGO ?= cargo
+
+.PHONY: help up down status build test test-scale fmt lint
+
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+up: ## Start local Redis and PostgreSQL if they are not running (installs them if absent).
+	@scripts/services.sh up
+
+down: ## Stop the services `make up` started (never ones it found running).
+	@scripts/services.sh down
+
+status: ## Say whether Redis and PostgreSQL answer.
+	@scripts/services.sh status
+
+build: ## Build every binary (release).
+	$(CARGO) build --release --workspace --bins
+
+fmt: ## Format the code.
+	$(CARGO) fmt --all
+
+lint: ## fmt check + clippy with warnings as errors.
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+test: up lint ## fmt check, clippy -D warnings, then every test against real Redis and Postgres.
+	$(CARGO) build --workspace --bins --locked
+	$(CARGO) test --workspace --locked -- --test-threads=2
+
+test-scale: up ## The 1,000,000-due-jobs backlog drain (minutes; not part of make test).
+	$(CARGO) build --release --workspace --bins --locked
+	HERALD_BACKLOG_JOBS=1000000 $(CARGO) test --release --locked -p herald-tests --test backlog -- --nocapture

@@ -1,0 +1,4 @@
+//! HTTP clients for the providers herald talks to; each maps provider responses to errors that
+//! carry the retry decision, and none retries or sleeps on its own.
+
+pub mod airtable;

@@ -1,0 +1,22 @@
+//! herald's job types and the machinery that feeds them: each job type is a versioned payload
+//! plus one `async fn` handler; the registry tells the API and the worker which queues exist and
+//! how to validate their payloads; the relay and reconciler move work from Postgres to Redis.
+//!
+//! Handlers reach Redis only through `herald-queue`, and Postgres only through `herald-store`.
+
+pub mod builtin;
+pub mod durable;
+pub mod http;
+pub mod registry;
+pub mod relay;
+
+pub use registry::{JobType, job_type, job_types};
+
+/// What every handler receives besides its payload.
+#[derive(Clone)]
+pub struct Deps {
+    pub pool: sqlx::PgPool,
+    pub http: reqwest::Client,
+    /// Whether diagnostic job behaviour that harms the process (the probe's `abort`) is allowed.
+    pub allow_probe_abort: bool,
+}

@@ -1,0 +1,102 @@
+//! The job types herald knows, with what the API needs to validate a payload before enqueueing
+//! it and what the worker needs to serve the queue.
+
+use std::time::Duration;
+
+use herald_core::JobPayload;
+use serde_json::Value;
+
+use crate::builtin::{Noop, Probe};
+use crate::http::HttpJob;
+
+/// One job type: its queue, payload version, default attempt budget and timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct JobType {
+    pub queue: &'static str,
+    pub version: u32,
+    pub max_attempts: u32,
+    pub timeout: Duration,
+    pub description: &'static str,
+    /// Whether other services may enqueue it through the generic API.
+    pub public: bool,
+    /// Checks a payload's shape; the error names the field and the problem.
+    pub validate: fn(&Value) -> Result<(), String>,
+}
+
+fn validate_as<P: JobPayload>(v: &Value) -> Result<(), String> {
+    serde_json::from_value::<P>(v.clone())
+        .map(|_| ())
+        .map_err(|e| format!("payload does not match job type {}: {e}", P::QUEUE))
+}
+
+const fn describe<P: JobPayload>(
+    description: &'static str,
+    public: bool,
+    validate: fn(&Value) -> Result<(), String>,
+) -> JobType {
+    JobType {
+        queue: P::QUEUE,
+        version: P::VERSION,
+        max_attempts: P::MAX_ATTEMPTS,
+        timeout: P::TIMEOUT,
+        description,
+        public,
+        validate,
+    }
+}
+
+static TYPES: &[JobType] = &[
+    describe::<HttpJob>(
+        "Deliver an HTTP request to an allow-listed host, signed with the tenant's HMAC secret; retries 429/5xx/timeouts.",
+        true,
+        HttpJob::validate_value,
+    ),
+    describe::<Noop>(
+        "Does nothing; for benchmarks and smoke tests.",
+        true,
+        validate_as::<Noop>,
+    ),
+    describe::<Probe>(
+        "Diagnostic: records an effect row in Postgres (counting runs), optionally sleeping first.",
+        true,
+        validate_as::<Probe>,
+    ),
+];
+
+/// Every job type, in a stable order.
+pub fn job_types() -> &'static [JobType] {
+    TYPES
+}
+
+/// The job type served by `queue`, if any.
+pub fn job_type(queue: &str) -> Option<&'static JobType> {
+    TYPES.iter().find(|t| t.queue == queue)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queues_are_unique_and_valid_names() {
+        let mut names: Vec<&str> = job_types().iter().map(|t| t.queue).collect();
+        for n in &names {
+            assert!(n.parse::<herald_core::QueueName>().is_ok(), "{n}");
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), job_types().len());
+    }
+
+    #[test]
+    fn payloads_are_validated_with_a_reason() {
+        let probe = job_type("probe").unwrap();
+        assert!((probe.validate)(&serde_json::json!({"effect_key": "a"})).is_ok());
+        let err = (probe.validate)(&serde_json::json!({"effect_key": 5})).unwrap_err();
+        assert!(
+            err.contains("effect_key") || err.contains("invalid type"),
+            "{err}"
+        );
+        assert!(job_type("nope").is_none());
+    }
+}

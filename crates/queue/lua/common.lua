@@ -1,0 +1,54 @@
+-- Shared helpers, prepended to every herald script.
+--
+-- KEYS (all under the queue's hash tag, so every script runs on one cluster slot):
+--   1 ready (zset, score = band * 2^44 + seq)   2 delayed (zset, score = run-at ms)
+--   3 leases (zset, score = lease expiry ms)     4 dead (zset, score = died-at ms)
+--   5 done (zset, score = finished-at ms)        6 tenant counts (hash "<tenant>:<state>")
+--   7 paused (string)                            8 notify (list of wake-up tokens)
+--   9 seq (counter)
+-- ARGV[1] is the queue's key prefix ("herald:v1:{queue}:"); job hashes live at prefix .. "j:" .. id.
+--
+-- Job hash fields: t tenant, p payload, pv payload version, a attempts (deliveries so far),
+-- m max attempts, b priority band, sc ready-set score, k dedupe key name, s state
+-- (r ready, d delayed, a active, x dead, c completed), tok lease token, w worker,
+-- c created ms, f finished ms, e last error, wr why it is waiting, o durable (1: Postgres has the
+-- job's outbox row).
+local K_READY, K_DELAYED, K_LEASES, K_DEAD, K_DONE, K_TC, K_PAUSED, K_NOTIFY, K_SEQ =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local PREFIX = ARGV[1]
+local BAND = 17592186044416 -- 2^44
+
+local function jkey(id) return PREFIX .. 'j:' .. id end
+
+local function tc_move(tenant, from, to)
+  if from then redis.call('HINCRBY', K_TC, tenant .. ':' .. from, -1) end
+  if to then redis.call('HINCRBY', K_TC, tenant .. ':' .. to, 1) end
+end
+
+local function new_score(band)
+  return tonumber(band) * BAND + redis.call('INCR', K_SEQ)
+end
+
+local function make_ready(id, jk, score)
+  redis.call('ZADD', K_READY, score, id)
+  redis.call('HSET', jk, 's', 'r', 'sc', score, 'tok', '')
+end
+
+local function make_dead(id, jk, tenant, from, now, err)
+  redis.call('ZREM', K_LEASES, id)
+  redis.call('ZREM', K_DELAYED, id)
+  redis.call('ZADD', K_DEAD, now, id)
+  redis.call('ZADD', PREFIX .. 'x:' .. tenant, now, id)
+  redis.call('HSET', jk, 's', 'x', 'e', err, 'f', now, 'tok', '')
+  tc_move(tenant, from, 'x')
+end
+
+local function notify(n)
+  if n > 0 then
+    if n > 32 then n = 32 end
+    local tokens = {}
+    for i = 1, n do tokens[i] = '1' end
+    redis.call('LPUSH', K_NOTIFY, unpack(tokens))
+    redis.call('LTRIM', K_NOTIFY, 0, 63)
+  end
+end
