@@ -7,7 +7,7 @@ export HERALD_DATABASE_URL ?= postgres://root@127.0.0.1:5432/herald
 export REDIS_URL ?= redis://127.0.0.1:6379
 CARGO ?= cargo
 
-.PHONY: help up down status build test test-scale fmt lint
+.PHONY: help up down status build demo test test-scale fmt lint
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ down: ## Stop the services `make up` started (never ones it found running).
 
 status: ## Say whether Redis and PostgreSQL answer.
 	@scripts/services.sh status
+
+demo: ## Daily VA assignment end to end: services, workers, Airtable fake, progress bar (knobs: scripts/demo.sh).
+	@scripts/demo.sh
 
 build: ## Build every binary (release).
 	$(CARGO) build --release --workspace --bins
@@ -38,3 +41,9 @@ test: up lint ## fmt check, clippy -D warnings, then every test against real Red
 test-scale: up ## The 1,000,000-due-jobs backlog drain (minutes; not part of make test).
 	$(CARGO) build --release --workspace --bins --locked
 	HERALD_BACKLOG_JOBS=1000000 $(CARGO) test --release --locked -p herald-tests --test backlog -- --nocapture
+
+.PHONY: bench bench-queue
+bench: bench-queue ## Every benchmark (ratios against a peer measured in the same run).
+
+bench-queue: up ## herald vs BullMQ: bulk enqueue, processing at c=1 and c=50, idle pickup latency.
+	@scripts/bench-queue.sh

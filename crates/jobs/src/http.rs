@@ -70,9 +70,10 @@ impl HttpJob {
             .ok_or_else(|| "url: has no host".to_owned())?
             .to_ascii_lowercase();
         if let Some(t) = self.timeout_ms
-            && (t == 0 || t > MAX_TIMEOUT_MS) {
-                return Err(format!("timeout_ms must be 1 to {MAX_TIMEOUT_MS}, got {t}"));
-            }
+            && (t == 0 || t > MAX_TIMEOUT_MS)
+        {
+            return Err(format!("timeout_ms must be 1 to {MAX_TIMEOUT_MS}, got {t}"));
+        }
         for name in self.headers.keys() {
             reqwest::header::HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("headers: {name:?} is not a valid header name"))?;

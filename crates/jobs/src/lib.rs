@@ -4,7 +4,9 @@
 //!
 //! Handlers reach Redis only through `herald-queue`, and Postgres only through `herald-store`.
 
+pub mod airtable;
 pub mod builtin;
+pub mod daily;
 pub mod durable;
 pub mod http;
 pub mod registry;
@@ -19,4 +21,24 @@ pub struct Deps {
     pub http: reqwest::Client,
     /// Whether diagnostic job behaviour that harms the process (the probe's `abort`) is allowed.
     pub allow_probe_abort: bool,
+    /// Airtable and its fleet-wide rate limits, for the daily assignment's sync and cleanup jobs.
+    /// `None` when Airtable is not configured: those jobs then retry with a reason.
+    pub airtable: Option<std::sync::Arc<airtable::Airtable>>,
+}
+
+impl Deps {
+    /// Deps without Airtable; add it with [`Deps::with_airtable`].
+    pub fn new(pool: sqlx::PgPool, http: reqwest::Client, allow_probe_abort: bool) -> Self {
+        Self {
+            pool,
+            http,
+            allow_probe_abort,
+            airtable: None,
+        }
+    }
+
+    pub fn with_airtable(mut self, airtable: airtable::Airtable) -> Self {
+        self.airtable = Some(std::sync::Arc::new(airtable));
+        self
+    }
 }

@@ -7,6 +7,7 @@ use herald_core::JobPayload;
 use serde_json::Value;
 
 use crate::builtin::{Noop, Probe};
+use crate::daily::{AirtableCleanup, DailyCleanup, DailyDistribute, DailySelect, DailySync};
 use crate::http::HttpJob;
 
 /// One job type: its queue, payload version, default attempt budget and timeout.
@@ -46,6 +47,31 @@ const fn describe<P: JobPayload>(
 }
 
 static TYPES: &[JobType] = &[
+    describe::<AirtableCleanup>(
+        "Daily assignment cleanup in Airtable: mark up to 10 records unfollow, or delete them; paced by the Airtable rate limiter.",
+        false,
+        AirtableCleanup::validate_value,
+    ),
+    describe::<DailyCleanup>(
+        "Daily assignment rolling window for one tenant: 7-day-old assignments become unfollow, 8+ days are deleted.",
+        false,
+        validate_as::<DailyCleanup>,
+    ),
+    describe::<DailyDistribute>(
+        "Daily assignment: shuffle the selection into VA tables and positions, fan out the sync batches.",
+        false,
+        validate_as::<DailyDistribute>,
+    ),
+    describe::<DailySelect>(
+        "Daily assignment: take up to the target of unused profiles and mark them used.",
+        false,
+        validate_as::<DailySelect>,
+    ),
+    describe::<DailySync>(
+        "Daily assignment: upsert one batch of at most 10 records to its Airtable table, paced by the fleet-wide limiter.",
+        false,
+        validate_as::<DailySync>,
+    ),
     describe::<HttpJob>(
         "Deliver an HTTP request to an allow-listed host, signed with the tenant's HMAC secret; retries 429/5xx/timeouts.",
         true,

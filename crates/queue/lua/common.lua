@@ -20,9 +20,30 @@ local BAND = 17592186044416 -- 2^44
 
 local function jkey(id) return PREFIX .. 'j:' .. id end
 
+-- Per-tenant state counts move in memory during a script and are written once at its end by
+-- tc_flush() (one HINCRBY per tenant and state that changed, not two per job).
+local TC = {}
+local function tc_add(field, d) TC[field] = (TC[field] or 0) + d end
 local function tc_move(tenant, from, to)
-  if from then redis.call('HINCRBY', K_TC, tenant .. ':' .. from, -1) end
-  if to then redis.call('HINCRBY', K_TC, tenant .. ':' .. to, 1) end
+  if from then tc_add(tenant .. ':' .. from, -1) end
+  if to then tc_add(tenant .. ':' .. to, 1) end
+end
+local function tc_flush()
+  for field, d in pairs(TC) do
+    if d ~= 0 then redis.call('HINCRBY', K_TC, field, d) end
+  end
+  TC = {}
+end
+
+-- Calls `cmd key items…` in slices, so that `unpack` never exceeds Lua's stack limit.
+-- `step` keeps pairs (score, member) together.
+local function call_chunked(cmd, key, items, step)
+  local size = 1000 * step
+  for i = 1, #items, size do
+    local j = i + size - 1
+    if j > #items then j = #items end
+    redis.call(cmd, key, unpack(items, i, j))
+  end
 end
 
 local function new_score(band)

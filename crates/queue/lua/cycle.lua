@@ -19,6 +19,8 @@ local nacks = tonumber(ARGV[11])
 -- 1. Acknowledgements. Each must carry the lease token it was fetched with: a worker whose
 -- lease expired and was taken over cannot complete or fail the job any more.
 local results = {}
+-- Completed jobs leave the lease set and enter the done set in one call each, after the loop.
+local done_ids, done_zadd = {}, {}
 for i = 0, nacks - 1 do
   local base = 12 + i * 5
   local id, token, kind, ms, err = ARGV[base], ARGV[base + 1], ARGV[base + 2], tonumber(ARGV[base + 3]), ARGV[base + 4]
@@ -29,8 +31,9 @@ for i = 0, nacks - 1 do
   else
     local tenant = st[3]
     if kind == 'ok' then
-      redis.call('ZREM', K_LEASES, id)
-      redis.call('ZADD', K_DONE, now, id)
+      done_ids[#done_ids + 1] = id
+      done_zadd[#done_zadd + 1] = now
+      done_zadd[#done_zadd + 1] = id
       redis.call('HSET', jk, 's', 'c', 'f', now, 'tok', '', 'wr', '')
       tc_move(tenant, 'a', 'c')
       if st[4] and st[4] ~= '' then redis.call('PEXPIRE', st[4], key_ttl) end
@@ -54,6 +57,10 @@ for i = 0, nacks - 1 do
       results[#results + 1] = 1
     end
   end
+end
+if #done_ids > 0 then
+  call_chunked('ZREM', K_LEASES, done_ids, 1)
+  call_chunked('ZADD', K_DONE, done_zadd, 2)
 end
 
 -- 2. Leases that expired: the worker died or stalled. The delivery already counted as an
@@ -93,14 +100,21 @@ end
 
 -- 4. Completed-job retention, by count then by age, a bounded slice per call.
 local function forget_done(ids)
+  if #ids == 0 then return end
+  local gone = {}
   for _, id in ipairs(ids) do
     local jk = jkey(id)
     local st = redis.call('HMGET', jk, 's', 't')
-    redis.call('ZREM', K_DONE, id)
     if st[1] == 'c' then
-      redis.call('DEL', jk)
+      gone[#gone + 1] = jk
       tc_move(st[2], 'c', nil)
     end
+  end
+  call_chunked('ZREM', K_DONE, ids, 1)
+  for i = 1, #gone, 1000 do
+    local j = i + 999
+    if j > #gone then j = #gone end
+    redis.call('UNLINK', unpack(gone, i, j))
   end
 end
 local excess = redis.call('ZCARD', K_DONE) - keep_count
@@ -112,17 +126,19 @@ forget_done(redis.call('ZRANGEBYSCORE', K_DONE, '-inf', now - keep_ms, 'LIMIT', 
 
 -- 5. Fetch.
 local fetched = {}
+local leases = {}
 if want > 0 and redis.call('EXISTS', K_PAUSED) == 0 then
   local popped = redis.call('ZPOPMIN', K_READY, want)
   for i = 1, #popped, 2 do
     local id = popped[i]
     local jk = jkey(id)
-    local st = redis.call('HMGET', jk, 't', 'p', 'pv', 'm', 'o')
+    local st = redis.call('HMGET', jk, 't', 'p', 'pv', 'm', 'o', 'a')
     if st[1] then
-      local a = redis.call('HINCRBY', jk, 'a', 1)
+      local a = (tonumber(st[6]) or 0) + 1
       local token = token_prefix .. ':' .. i
-      redis.call('HSET', jk, 's', 'a', 'tok', token, 'w', worker, 'wr', '')
-      redis.call('ZADD', K_LEASES, now + lease_ms, id)
+      redis.call('HSET', jk, 'a', a, 's', 'a', 'tok', token, 'w', worker, 'wr', '')
+      leases[#leases + 1] = now + lease_ms
+      leases[#leases + 1] = id
       tc_move(st[1], 'r', 'a')
       fetched[#fetched + 1] = id
       fetched[#fetched + 1] = st[1]
@@ -135,6 +151,7 @@ if want > 0 and redis.call('EXISTS', K_PAUSED) == 0 then
     end
   end
 end
+if #leases > 0 then call_chunked('ZADD', K_LEASES, leases, 2) end
 if woken > #fetched / 8 then notify(woken - #fetched / 8) end
 
 -- When is there next something to do without a push: the earliest delayed job or lease expiry.
@@ -146,4 +163,5 @@ if l[2] and (next_due < 0 or tonumber(l[2]) < next_due) then next_due = tonumber
 
 local reply = { next_due, results }
 for i = 1, #fetched do reply[#reply + 1] = fetched[i] end
+tc_flush()
 return reply

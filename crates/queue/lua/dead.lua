@@ -16,4 +16,5 @@ else
   if st[4] and st[4] ~= '' then redis.call('PEXPIRE', st[4], key_ttl) end
   tc_move(st[2], 'x', nil)
 end
+tc_flush()
 return 1

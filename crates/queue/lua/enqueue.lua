@@ -43,4 +43,5 @@ for i = 0, n - 1 do
   end
 end
 notify(woken)
+tc_flush()
 return out

@@ -15,4 +15,5 @@ for i = 2, #ARGV, 2 do
   end
 end
 notify(n)
+tc_flush()
 return n

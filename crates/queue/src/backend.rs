@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,9 @@ pub struct WorkerOptions {
     pub concurrency: usize,
     /// Most jobs fetched in one round trip.
     pub fetch_batch: usize,
+    /// Jobs fetched ahead of a free slot, so handlers have work while the next round trip is
+    /// under way (they wait with their leases renewed; at shutdown they are released unstarted).
+    pub prefetch: usize,
     /// Visibility timeout: a job whose worker stops renewing its lease this long is re-delivered.
     pub lease: Duration,
     /// A run longer than this is cancelled and counts as a failed attempt.
@@ -60,6 +63,7 @@ impl WorkerOptions {
             worker_id: worker_id.into(),
             concurrency: 10,
             fetch_batch: 100,
+            prefetch: 0,
             lease: Duration::from_secs(30),
             timeout: Duration::from_secs(60),
             backoff: Backoff::default(),
@@ -142,7 +146,37 @@ pub(crate) struct Ack {
 
 pub(crate) enum DriverMsg {
     Ack(Ack),
-    Close { unstarted: Vec<(JobId, String)> },
+    /// Shutdown began: fetch nothing more and give back what apalis has not taken yet.
+    StopFetching,
+    Close {
+        unstarted: Vec<(JobId, String)>,
+    },
+    /// A prefetched job that never started (shutdown began while it waited for a slot).
+    Release {
+        id: JobId,
+        token: String,
+    },
+}
+
+/// Fetched jobs apalis has not taken yet. Shared by the backend (which hands them out) and the
+/// driver (which gives them back to Redis when shutdown begins).
+type Buffer<Args> = Arc<Mutex<mpsc::UnboundedReceiver<Task<Args>>>>;
+
+/// Tells a running backend that shutdown began, before apalis gets round to closing it (apalis
+/// closes a backend only after every running job has finished): the backend stops fetching at
+/// once and releases the jobs it fetched but has not started, so other workers take them now
+/// instead of after this worker's drain. Cheap to clone; stopping twice is harmless.
+#[derive(Clone)]
+pub struct DrainHandle {
+    driver: mpsc::UnboundedSender<DriverMsg>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl DrainHandle {
+    pub fn stop_fetching(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.driver.send(DriverMsg::StopFetching);
+    }
 }
 
 /// Counters of one backend, for metrics and tests.
@@ -160,12 +194,16 @@ pub struct Stats {
 
 /// herald's Redis backend for apalis, serving one queue for one worker process.
 pub struct RedisBackend<Args> {
-    tasks: mpsc::UnboundedReceiver<Task<Args>>,
+    tasks: Buffer<Args>,
     driver_tx: mpsc::UnboundedSender<DriverMsg>,
     driver: Option<Pin<Box<JoinHandle<()>>>>,
     closing: bool,
     options: WorkerOptions,
     stats: Arc<Stats>,
+    /// Shutdown began: prefetched jobs still waiting for a slot are released, not started.
+    stopping: Arc<AtomicBool>,
+    /// Bounds handlers running at once to `concurrency` (more may be fetched: `prefetch`).
+    slots: Arc<tokio::sync::Semaphore>,
     _args: PhantomData<fn() -> Args>,
 }
 
@@ -175,6 +213,7 @@ impl<Args: JobPayload> RedisBackend<Args> {
     /// renewed meanwhile.
     pub fn new(queue: Queue, options: WorkerOptions) -> Self {
         let (tasks_tx, tasks) = mpsc::unbounded_channel();
+        let tasks: Buffer<Args> = Arc::new(Mutex::new(tasks));
         let (driver_tx, driver_rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
         let wake = Arc::new(Notify::new());
@@ -191,11 +230,14 @@ impl<Args: JobPayload> RedisBackend<Args> {
             queue,
             options: options.clone(),
             tasks: tasks_tx,
+            buffer: tasks.clone(),
+            stopping: false,
             rx: driver_rx,
             stats: stats.clone(),
             in_flight: 0,
             running: HashMap::new(),
             acks: Vec::new(),
+            releases: Vec::new(),
             wake,
             wait_request,
             wait_ms,
@@ -206,6 +248,8 @@ impl<Args: JobPayload> RedisBackend<Args> {
             driver_tx,
             driver: Some(Box::pin(tokio::spawn(driver.run()))),
             closing: false,
+            stopping: Arc::new(AtomicBool::new(false)),
+            slots: Arc::new(tokio::sync::Semaphore::new(options.concurrency.max(1))),
             options,
             stats,
             _args: PhantomData,
@@ -215,6 +259,28 @@ impl<Args: JobPayload> RedisBackend<Args> {
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
     }
+
+    /// A handle to begin a graceful shutdown early (see [`DrainHandle`]).
+    pub fn drain_handle(&self) -> DrainHandle {
+        DrainHandle {
+            driver: self.driver_tx.clone(),
+            stopping: self.stopping.clone(),
+        }
+    }
+}
+
+/// Takes every task still waiting in the buffer: the lease tokens of jobs never started.
+fn take_unstarted<Args>(buffer: &Buffer<Args>) -> Vec<(JobId, String)> {
+    let mut unstarted = Vec::new();
+    let mut rx = buffer
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    while let Ok(task) = rx.try_recv() {
+        if let Some(meta) = task.ctx().data().get::<JobMeta>() {
+            unstarted.push((meta.id.clone(), meta.token.clone()));
+        }
+    }
+    unstarted
 }
 
 impl<Args> Backend for RedisBackend<Args> {
@@ -230,7 +296,11 @@ impl<Args> Backend for RedisBackend<Args> {
         cx: &mut Context<'_>,
         _: &WorkerContext,
     ) -> Poll<Option<Result<Task<Args>, Error>>> {
-        match self.tasks.poll_recv(cx) {
+        let mut rx = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match rx.poll_recv(cx) {
             Poll::Ready(Some(task)) => Poll::Ready(Some(Ok(task))),
             // The driver ended (it only does after a close): no more tasks.
             Poll::Ready(None) => Poll::Ready(None),
@@ -241,13 +311,9 @@ impl<Args> Backend for RedisBackend<Args> {
     fn poll_close(&mut self, cx: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), Error>> {
         if !self.closing {
             self.closing = true;
+            self.stopping.store(true, Ordering::SeqCst);
             // Jobs fetched but never started go back to the queue at once, for other workers.
-            let mut unstarted = Vec::new();
-            while let Ok(task) = self.tasks.try_recv() {
-                if let Some(meta) = task.ctx().data().get::<JobMeta>() {
-                    unstarted.push((meta.id.clone(), meta.token.clone()));
-                }
-            }
+            let unstarted = take_unstarted(&self.tasks);
             let _ = self.driver_tx.send(DriverMsg::Close { unstarted });
         }
         match self.driver.as_mut() {
@@ -279,6 +345,8 @@ impl<Args> BackendConfig for RedisBackend<Args> {
             self.driver_tx.clone(),
             self.options.timeout,
             self.options.backoff,
+            self.slots.clone(),
+            self.stopping.clone(),
         )
     }
 }
@@ -329,6 +397,10 @@ struct Driver<Args> {
     queue: Queue,
     options: WorkerOptions,
     tasks: mpsc::UnboundedSender<Task<Args>>,
+    /// The receiving end of `tasks`, to take back unstarted jobs when shutdown begins.
+    buffer: Buffer<Args>,
+    /// Shutdown began: no more fetching.
+    stopping: bool,
     rx: mpsc::UnboundedReceiver<DriverMsg>,
     stats: Arc<Stats>,
     /// Fetched and not yet acknowledged.
@@ -336,6 +408,8 @@ struct Driver<Args> {
     /// Lease tokens of the jobs this worker holds, for renewal.
     running: HashMap<JobId, String>,
     acks: Vec<Ack>,
+    /// Prefetched jobs handed back unstarted, to release on the next turn.
+    releases: Vec<(JobId, String)>,
     wake: Arc<Notify>,
     wait_request: Arc<Notify>,
     wait_ms: Arc<AtomicU64>,
@@ -359,6 +433,12 @@ impl<Args: JobPayload> Driver<Args> {
             while let Ok(msg) = self.rx.try_recv() {
                 self.accept(msg, &mut close);
             }
+            if self.stopping && close.is_none() {
+                let unstarted = take_unstarted(&self.buffer);
+                if !unstarted.is_empty() {
+                    self.release(unstarted).await;
+                }
+            }
             if let Some(unstarted) = close.take() {
                 self.shut_down(unstarted).await;
                 return;
@@ -371,8 +451,17 @@ impl<Args: JobPayload> Driver<Args> {
                 self.renew().await;
                 last_renew = Instant::now();
             }
-            let free = self.options.concurrency.saturating_sub(self.in_flight);
-            let want = free.min(self.options.fetch_batch);
+            if !self.releases.is_empty() {
+                let released = std::mem::take(&mut self.releases);
+                self.release(released).await;
+            }
+            let free =
+                (self.options.concurrency + self.options.prefetch).saturating_sub(self.in_flight);
+            let want = if self.stopping {
+                0
+            } else {
+                free.min(self.options.fetch_batch)
+            };
             let maintenance_due = next_due_ms.is_some_and(|d| d <= now_ms())
                 || last_cycle.elapsed() >= self.options.max_idle_wait;
             if !self.acks.is_empty() || (want > 0 && !idle) || maintenance_due {
@@ -416,7 +505,14 @@ impl<Args: JobPayload> Driver<Args> {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 self.acks.push(ack);
             }
+            DriverMsg::StopFetching => {
+                if !self.stopping {
+                    tracing::info!(queue = %self.queue.name, "shutdown: no more fetching");
+                }
+                self.stopping = true;
+            }
             DriverMsg::Close { unstarted } => *close = Some(unstarted),
+            DriverMsg::Release { id, token } => self.releases.push((id, token)),
         }
     }
 
@@ -638,31 +734,48 @@ impl<Args: JobPayload> Driver<Args> {
         }
     }
 
-    async fn shut_down(&mut self, unstarted: Vec<(JobId, String)>) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    /// Gives jobs fetched but never started back to the ready set, without spending an attempt.
+    async fn release(&mut self, unstarted: Vec<(JobId, String)>) {
         for (id, _) in &unstarted {
             self.running.remove(id);
         }
         self.in_flight = self.in_flight.saturating_sub(unstarted.len());
-        if !unstarted.is_empty() {
-            let keys = &self.queue.keys;
-            let mut inv = scripts::RELEASE.prepare_invoke();
-            for k in &keys.script_keys {
-                inv.key(k);
+        if unstarted.is_empty() {
+            return;
+        }
+        let keys = &self.queue.keys;
+        let mut inv = scripts::RELEASE.prepare_invoke();
+        for k in &keys.script_keys {
+            inv.key(k);
+        }
+        inv.arg(&keys.prefix);
+        for (id, token) in &unstarted {
+            inv.arg(id.as_str()).arg(token);
+        }
+        match inv.invoke_async::<i64>(&mut self.queue.conn()).await {
+            Ok(n) => {
+                tracing::info!(queue = %self.queue.name, released = n, "released unstarted jobs")
             }
-            inv.arg(&keys.prefix);
-            for (id, token) in &unstarted {
-                inv.arg(id.as_str()).arg(token);
-            }
-            match inv.invoke_async::<i64>(&mut self.queue.conn()).await {
-                Ok(n) => {
-                    tracing::info!(queue = %self.queue.name, released = n, "released unstarted jobs")
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not release unstarted jobs; their leases will expire")
-                }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release unstarted jobs; their leases will expire")
             }
         }
+    }
+
+    async fn shut_down(&mut self, mut unstarted: Vec<(JobId, String)>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                DriverMsg::Ack(ack) => {
+                    self.running.remove(&ack.id);
+                    self.acks.push(ack);
+                }
+                DriverMsg::Release { id, token } => unstarted.push((id, token)),
+                DriverMsg::StopFetching | DriverMsg::Close { .. } => {}
+            }
+        }
+        unstarted.append(&mut self.releases);
+        self.release(unstarted).await;
         // Flush the last acknowledgements, giving Redis a bounded time to come back.
         while !self.acks.is_empty() && Instant::now() < deadline {
             match self.try_cycle(0).await {

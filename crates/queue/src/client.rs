@@ -105,25 +105,69 @@ impl Client {
         Ok(())
     }
 
+    /// Redis memory as `INFO memory` reports it. On a cluster every master answers; this is
+    /// the node closest to its limit, and the policy is an evicting one if any node has one.
     pub async fn memory(&self) -> Result<MemoryStatus, Error> {
+        let nodes = self.memory_by_node().await?;
+        let ratio = |s: &MemoryStatus| {
+            if s.max_bytes == 0 {
+                0.0
+            } else {
+                s.used_bytes as f64 / s.max_bytes as f64
+            }
+        };
+        let evicting = nodes
+            .iter()
+            .find(|(_, s)| s.policy != "noeviction")
+            .map(|(_, s)| s.policy.clone());
+        let mut worst = nodes
+            .into_iter()
+            .map(|(_, s)| s)
+            .max_by(|a, b| ratio(a).total_cmp(&ratio(b)))
+            .ok_or_else(|| Error::Protocol("INFO memory answered by no node".into()))?;
+        if let Some(policy) = evicting {
+            worst.policy = policy;
+        }
+        Ok(worst)
+    }
+
+    /// `INFO memory` of every node: one entry for a standalone server, one per master on a
+    /// cluster (the cluster client sends the command to all of them).
+    pub async fn memory_by_node(&self) -> Result<Vec<(String, MemoryStatus)>, Error> {
+        use redis::FromRedisValue;
         let mut conn = self.conn.clone();
-        let info: String = redis::cmd("INFO")
+        let reply: redis::Value = redis::cmd("INFO")
             .arg("memory")
             .query_async(&mut conn)
             .await?;
-        Ok(parse_memory_info(&info))
+        match reply {
+            redis::Value::Map(nodes) => nodes
+                .into_iter()
+                .map(|(node, info)| {
+                    Ok((
+                        String::from_redis_value(node)?,
+                        parse_memory_info(&String::from_redis_value(info)?),
+                    ))
+                })
+                .collect(),
+            other => Ok(vec![(
+                self.target.urls.first().cloned().unwrap_or_default(),
+                parse_memory_info(&String::from_redis_value(other)?),
+            )]),
+        }
     }
 
-    /// Refuses an evicting `maxmemory-policy`: eviction silently deletes jobs.
+    /// Refuses an evicting `maxmemory-policy` (on any node): eviction silently deletes jobs.
     pub async fn check_memory_policy(&self) -> Result<MemoryStatus, Error> {
-        let status = self.memory().await?;
-        if status.policy != "noeviction" {
-            return Err(Error::Config(format!(
-                "redis maxmemory-policy is {:?}; herald needs \"noeviction\" (an evicting policy silently loses jobs). Fix: CONFIG SET maxmemory-policy noeviction",
-                status.policy
-            )));
+        for (node, status) in self.memory_by_node().await? {
+            if status.policy != "noeviction" {
+                return Err(Error::Config(format!(
+                    "redis {node} has maxmemory-policy {:?}; herald needs \"noeviction\" (an evicting policy silently loses jobs). Fix: CONFIG SET maxmemory-policy noeviction",
+                    status.policy
+                )));
+            }
         }
-        Ok(status)
+        self.memory().await
     }
 
     /// `Err(Backpressure)` when Redis memory is above the high-water mark.
@@ -241,12 +285,13 @@ impl NewJob {
             return Err(Error::InvalidJob("max_attempts must be at least 1".into()));
         }
         if let Some(key) = &self.key
-            && (key.is_empty() || key.len() > MAX_KEY_LEN) {
-                return Err(Error::InvalidJob(format!(
-                    "key must be 1 to {MAX_KEY_LEN} bytes, got {}",
-                    key.len()
-                )));
-            }
+            && (key.is_empty() || key.len() > MAX_KEY_LEN)
+        {
+            return Err(Error::InvalidJob(format!(
+                "key must be 1 to {MAX_KEY_LEN} bytes, got {}",
+                key.len()
+            )));
+        }
         Ok(())
     }
 }
@@ -506,6 +551,17 @@ impl Queue {
             );
         }
         Ok(out)
+    }
+
+    /// The id of the job holding the tenant's dedupe `key` on this queue (pending, running,
+    /// dead, or completed within the key retention), if any. The key layout is the one
+    /// `enqueue.lua` writes.
+    pub async fn key_holder(&self, tenant: TenantId, key: &str) -> Result<Option<JobId>, Error> {
+        let mut conn = self.conn();
+        let holder: Option<String> = conn
+            .get(format!("{}k:{}:{}", self.keys.prefix, tenant, key))
+            .await?;
+        Ok(holder.and_then(|id| JobId::try_from(id).ok()))
     }
 
     /// Dead jobs, newest first: all of them (`None`) or one tenant's.

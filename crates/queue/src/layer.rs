@@ -3,6 +3,8 @@
 //! [`JobError`], and hands the outcome to the driver as an acknowledgement.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,8 @@ pub struct HeraldLayer {
     driver: mpsc::UnboundedSender<DriverMsg>,
     timeout: Duration,
     backoff: Backoff,
+    slots: Arc<tokio::sync::Semaphore>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl HeraldLayer {
@@ -31,11 +35,15 @@ impl HeraldLayer {
         driver: mpsc::UnboundedSender<DriverMsg>,
         timeout: Duration,
         backoff: Backoff,
+        slots: Arc<tokio::sync::Semaphore>,
+        stopping: Arc<AtomicBool>,
     ) -> Self {
         Self {
             driver,
             timeout,
             backoff,
+            slots,
+            stopping,
         }
     }
 }
@@ -112,6 +120,18 @@ where
         let span = tracing::info_span!("job", job_id = %meta.id, queue = %meta.queue,
             tenant = %meta.tenant, attempt = meta.attempt);
         async move {
+            // A prefetched job waits here for a slot; the handler has not started yet.
+            let _slot = layer.slots.clone().acquire_owned().await;
+            if layer.stopping.load(Ordering::SeqCst) {
+                let _ = layer.driver.send(DriverMsg::Release {
+                    id: meta.id.clone(),
+                    token: meta.token.clone(),
+                });
+                return Err(BoxDynError::from(format!(
+                    "job {} released unstarted: the worker is shutting down",
+                    meta.id
+                )));
+            }
             let started = Instant::now();
             let run =
                 tokio::time::timeout(layer.timeout, AssertUnwindSafe(fut).catch_unwind()).await;

@@ -15,7 +15,7 @@ mod layer;
 pub mod periodic;
 mod scripts;
 
-pub use backend::{JobMeta, NotAHeraldTask, RedisBackend, Stats, WorkerOptions};
+pub use backend::{DrainHandle, JobMeta, NotAHeraldTask, RedisBackend, Stats, WorkerOptions};
 pub use backoff::Backoff;
 pub use client::{
     Client, Counts, ENQUEUE_CHUNK, Enqueued, JobInfo, JobState, MemoryStatus, NewJob, Queue,

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use cron::Schedule;
 
 use crate::Error;
-use crate::client::{NewJob, Queue};
+use crate::client::{Client, NewJob, Queue};
 
 /// A job enqueued once per period of a cron schedule.
 #[derive(Clone)]
@@ -72,4 +72,27 @@ impl Periodic {
             }
         }
     }
+}
+
+/// Claims the current period of a fixed-interval task (maintenance, the reconciler) for this
+/// process: of all the processes that call it during one period of `every`, exactly one gets
+/// `true`. Periods are aligned on the Unix epoch, so every process agrees on where they start.
+pub async fn claim_period(client: &Client, name: &str, every: Duration) -> Result<bool, Error> {
+    let every_ms = (every.as_millis() as u64).max(1);
+    let period = herald_core::now_ms() / every_ms;
+    let key = format!(
+        "{}:{}:periodic:{name}:{period}",
+        client.settings.namespace,
+        crate::LAYOUT_VERSION
+    );
+    let mut conn = client.conn.clone();
+    let claimed: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg(1)
+        .arg("NX")
+        .arg("PX")
+        .arg(every_ms.saturating_mul(2))
+        .query_async(&mut conn)
+        .await?;
+    Ok(claimed.is_some())
 }

@@ -33,6 +33,9 @@ struct Seen {
     order: Mutex<Vec<u32>>,
     runs: AtomicU32,
     attempts: Mutex<Vec<(u32, u32)>>,
+    /// Handlers running right now, and the most ever seen at once.
+    current: AtomicU32,
+    peak: AtomicU32,
 }
 
 async fn handler(job: Work, meta: JobMeta, seen: Data<Arc<Seen>>) -> Result<(), JobError> {
@@ -57,6 +60,13 @@ async fn handler(job: Work, meta: JobMeta, seen: Data<Arc<Seen>>) -> Result<(), 
             Ok(())
         }
         "panic" => panic!("handler bug"),
+        "hold" => {
+            let now = seen.current.fetch_add(1, Ordering::SeqCst) + 1;
+            seen.peak.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            seen.current.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -105,7 +115,10 @@ impl Running {
 }
 
 fn spawn_worker(queue: &Queue, opts: WorkerOptions, seen: Arc<Seen>) -> Running {
-    let backend = RedisBackend::<Work>::new(queue.clone(), opts);
+    spawn_backend(RedisBackend::<Work>::new(queue.clone(), opts), seen)
+}
+
+fn spawn_backend(backend: RedisBackend<Work>, seen: Arc<Seen>) -> Running {
     let worker = WorkerBuilder::new(format!("w-{}", uuid::Uuid::new_v4()))
         .backend(backend)
         .data(seen)
@@ -475,4 +488,58 @@ async fn graceful_stop_releases_unstarted_jobs() {
         q.workers(Duration::from_secs(60)).await.unwrap().is_empty(),
         "stopped worker deregistered"
     );
+}
+
+#[tokio::test]
+async fn prefetched_jobs_wait_for_a_slot_and_are_released_at_shutdown() {
+    let client = client().await;
+    let q = client.queue(&"work".parse().unwrap());
+    let t = TenantId::new();
+    let seen = Arc::new(Seen::default());
+    q.enqueue_batch((0..6).map(|n| job(t, n, "hold")).collect())
+        .await
+        .unwrap();
+    let mut opts = options();
+    opts.concurrency = 2;
+    opts.prefetch = 4;
+    let backend = RedisBackend::<Work>::new(q.clone(), opts);
+    let drain = backend.drain_handle();
+    let w = spawn_backend(backend, seen.clone());
+    wait_until(
+        "all six held jobs done",
+        Duration::from_secs(10),
+        || async { seen.runs.load(Ordering::SeqCst) == 6 },
+    )
+    .await;
+    // Six fetched at once, never more than two running.
+    assert_eq!(seen.peak.load(Ordering::SeqCst), 2);
+
+    // Now stop while prefetched jobs wait: they go back unstarted, their attempt not counted.
+    let second = q
+        .enqueue_batch((10..16).map(|n| job(t, n, "hold")).collect())
+        .await
+        .unwrap();
+    wait_until(
+        "a second round started",
+        Duration::from_secs(10),
+        || async { seen.runs.load(Ordering::SeqCst) >= 7 },
+    )
+    .await;
+    // As herald-worker does on SIGTERM: stop fetching first, then let apalis drain.
+    drain.stop_fetching();
+    w.stop().await;
+    let runs = seen.runs.load(Ordering::SeqCst);
+    assert!(
+        runs < 12,
+        "the drain must not start prefetched jobs: {runs} runs"
+    );
+    let counts = q.counts(None).await.unwrap();
+    assert_eq!(counts.running, 0, "{counts:?}");
+    assert_eq!(counts.ready as u32, 12 - runs, "{counts:?}");
+    for e in &second {
+        let info = q.job(&e.id).await.unwrap().expect("job exists");
+        if info.state == JobState::Ready {
+            assert_eq!(info.attempts, 0, "released job {} kept an attempt", e.id);
+        }
+    }
 }

@@ -69,6 +69,17 @@ pub async fn lookup(
     record.map(StoredResponse::try_from).transpose()
 }
 
+/// Holds the tenant's `key` until the transaction `conn` belongs to ends, so two requests with
+/// the same key run one after the other: the second then finds the first one's response.
+pub async fn lock(conn: &mut sqlx::PgConnection, tenant: TenantId, key: &str) -> Result<(), Error> {
+    validate_key(key)?;
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("idempotency:{tenant}:{key}"))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Stores the response to the tenant's request under `key`, unless one is already stored.
 pub async fn store(
     pool: &PgPool,

@@ -1,15 +1,18 @@
 //! herald's Postgres state: the migrations, tenants and their tokens, the transactional outbox,
-//! stored idempotent responses and the probe job's effect log.
+//! stored idempotent responses, the probe job's effect log, and the daily VA assignment's
+//! profiles, campaigns, assignments and sync ledger.
 //!
 //! Every query a tenant can reach filters by `tenant_id`. The only cross-tenant functions are
 //! the outbox relay, reconciler and pruning operations, which say so in their documentation and
 //! never hand rows back to a tenant.
 
+pub mod daily;
 mod error;
 pub mod idempotency;
 pub mod ops_tokens;
 pub mod outbox;
 pub mod probe;
+pub mod profiles;
 pub mod tenants;
 mod tokens;
 

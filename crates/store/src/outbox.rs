@@ -170,6 +170,162 @@ pub async fn insert(
     Ok(id)
 }
 
+/// Records `job` for the tenant unless one of the tenant's rows on the same queue already holds
+/// its `job_key` (still pending, or created after `key_taken_since`); returns the row's id and
+/// whether it was already there, in which case nothing is written. Concurrent callers with the
+/// same key are serialised by a transaction-scoped advisory lock, so call it inside the caller's
+/// transaction. A job without a key is simply inserted.
+pub async fn insert_unless_key_taken(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    job: &NewOutboxJob,
+    key_taken_since: DateTime<Utc>,
+) -> Result<(Uuid, bool), Error> {
+    let Some(key) = job.job_key.as_deref() else {
+        return insert(conn, tenant, job).await.map(|id| (id, false));
+    };
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("outbox-key:{tenant}:{}:{key}", job.queue))
+        .execute(&mut *conn)
+        .await?;
+    let existing: Option<Uuid> = sqlx::query_scalar(
+        "select id from outbox
+         where tenant_id = $1 and queue = $2 and job_key = $3
+           and (created_at > $4 or (completed_at is null and dead_at is null))
+         order by created_at desc
+         limit 1",
+    )
+    .bind(tenant.0)
+    .bind(job.queue.as_str())
+    .bind(key)
+    .bind(key_taken_since)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(id) = existing {
+        return Ok((id, true));
+    }
+    insert(conn, tenant, job).await.map(|id| (id, false))
+}
+
+/// Where an outbox row stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxProgress {
+    pub published_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub dead_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ProgressRecord {
+    #[sqlx(flatten)]
+    row: OutboxRecord,
+    published_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+    dead_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+}
+
+/// The tenant's outbox row `id` and its progress; `None` when there is no such row or it
+/// belongs to another tenant.
+pub async fn get(
+    pool: &PgPool,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<Option<(OutboxRow, OutboxProgress)>, Error> {
+    let record: Option<ProgressRecord> = sqlx::query_as(&format!(
+        "select {ROW_COLUMNS}, published_at, completed_at, dead_at, last_error from outbox
+         where tenant_id = $1 and id = $2"
+    ))
+    .bind(tenant.0)
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    record
+        .map(|r| {
+            let progress = OutboxProgress {
+                published_at: r.published_at,
+                completed_at: r.completed_at,
+                dead_at: r.dead_at,
+                last_error: r.last_error,
+            };
+            OutboxRow::try_from(r.row).map(|row| (row, progress))
+        })
+        .transpose()
+}
+
+/// Records several jobs for the tenant in one statement, as [`insert`] does one; returns their
+/// ids in order. For fan-outs (a campaign's sync batches) inside the caller's transaction.
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    jobs: &[NewOutboxJob],
+) -> Result<Vec<Uuid>, Error> {
+    let mut ids = Vec::with_capacity(jobs.len());
+    let mut queues = Vec::with_capacity(jobs.len());
+    let mut payloads = Vec::with_capacity(jobs.len());
+    let mut versions = Vec::with_capacity(jobs.len());
+    let mut priorities = Vec::with_capacity(jobs.len());
+    let mut attempts = Vec::with_capacity(jobs.len());
+    let mut run_ats = Vec::with_capacity(jobs.len());
+    let mut keys = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let payload_version = i32::try_from(job.payload_version)
+            .map_err(|_| Error::invalid("payload_version", "too large"))?;
+        let max_attempts = job
+            .max_attempts
+            .map(|n| {
+                i32::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                    Error::invalid("max_attempts", format!("{n} is not 1 to 2^31-1"))
+                })
+            })
+            .transpose()?;
+        if job
+            .job_key
+            .as_deref()
+            .is_some_and(|key| key.is_empty() || key.len() > MAX_JOB_KEY_LEN)
+        {
+            return Err(Error::invalid(
+                "job_key",
+                format!("must be 1 to {MAX_JOB_KEY_LEN} bytes"),
+            ));
+        }
+        ids.push(Uuid::now_v7());
+        queues.push(job.queue.as_str());
+        payloads.push(job.payload.clone());
+        versions.push(payload_version);
+        priorities.push(i16::from(job.priority.band()));
+        attempts.push(max_attempts);
+        run_ats.push(job.run_at);
+        keys.push(job.job_key.as_deref());
+    }
+    if ids.is_empty() {
+        return Ok(ids);
+    }
+    sqlx::query(
+        "insert into outbox
+             (id, tenant_id, queue, payload, payload_version, priority, max_attempts, run_at, job_key)
+         select u.id, $1, u.queue, u.payload, u.payload_version, u.priority, u.max_attempts,
+                u.run_at, u.job_key
+         from unnest($2::uuid[], $3::text[], $4::jsonb[], $5::int[], $6::smallint[], $7::int[],
+                     $8::timestamptz[], $9::text[])
+              as u(id, queue, payload, payload_version, priority, max_attempts, run_at, job_key)",
+    )
+    .bind(tenant.0)
+    .bind(&ids)
+    .bind(&queues)
+    .bind(&payloads)
+    .bind(&versions)
+    .bind(&priorities)
+    .bind(&attempts)
+    .bind(&run_ats)
+    .bind(&keys)
+    .execute(conn)
+    .await
+    .map_err(error::tenant_must_exist)?;
+    Ok(ids)
+}
+
 /// Relay, across all tenants: locks and returns up to `limit` unpublished rows, oldest first.
 /// Rows another relay holds are skipped (`FOR UPDATE SKIP LOCKED`), so many relays can run at
 /// once without handing out the same row. Call inside a transaction, publish the rows, then

@@ -149,6 +149,34 @@ pub async fn allow_host(pool: &PgPool, tenant: TenantId, host: &str) -> Result<(
     Ok(())
 }
 
+/// Replaces the tenant's whole allow-list with `hosts` (normalised as [`allow_host`] does), in
+/// one transaction: every host is checked before anything changes. Returns the new list, sorted.
+pub async fn replace_allowed_hosts(
+    pool: &PgPool,
+    tenant: TenantId,
+    hosts: &[String],
+) -> Result<Vec<String>, Error> {
+    let mut normalized = hosts
+        .iter()
+        .map(|h| normalize_host(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    normalized.sort();
+    normalized.dedup();
+    let mut tx = pool.begin().await?;
+    sqlx::query("delete from tenant_allowed_hosts where tenant_id = $1")
+        .bind(tenant.0)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("insert into tenant_allowed_hosts (tenant_id, host) select $1, unnest($2::text[])")
+        .bind(tenant.0)
+        .bind(&normalized)
+        .execute(&mut *tx)
+        .await
+        .map_err(error::tenant_must_exist)?;
+    tx.commit().await?;
+    Ok(normalized)
+}
+
 /// The tenant's allowed hosts, sorted.
 pub async fn allowed_hosts(pool: &PgPool, tenant: TenantId) -> Result<Vec<String>, Error> {
     let hosts = sqlx::query_scalar(

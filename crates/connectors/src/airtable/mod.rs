@@ -113,6 +113,39 @@ struct DeletedRecord {
     deleted: bool,
 }
 
+/// What a list request asks for beyond the table.
+#[derive(Clone, Debug)]
+pub struct ListOptions<'a> {
+    /// Clamped to 1..=100.
+    pub page_size: usize,
+    /// The cursor from the previous page.
+    pub offset: Option<&'a str>,
+    /// An Airtable formula; only records for which it is truthy are returned. See
+    /// [`formula_equals`].
+    pub filter_by_formula: Option<&'a str>,
+    /// Only these fields are returned; all when empty.
+    pub fields: &'a [&'a str],
+}
+
+impl Default for ListOptions<'_> {
+    fn default() -> Self {
+        Self {
+            page_size: MAX_PAGE_SIZE,
+            offset: None,
+            filter_by_formula: None,
+            fields: &[],
+        }
+    }
+}
+
+/// A formula matching records whose `field` equals the text `value`:
+/// `{field} = 'value'`, with quotes and backslashes escaped.
+pub fn formula_equals(field: &str, value: &str) -> String {
+    let field = field.replace('}', "\\}");
+    let value = value.replace('\\', "\\\\").replace('\'', "\\'");
+    format!("{{{field}}} = '{value}'")
+}
+
 /// A client for one Airtable base. Cheap to clone; clones share the connection pool.
 #[derive(Clone, Debug)]
 pub struct AirtableClient {
@@ -246,10 +279,30 @@ impl AirtableClient {
         page_size: usize,
         offset: Option<&str>,
     ) -> Result<Page, Error> {
-        let page_size = page_size.clamp(1, MAX_PAGE_SIZE).to_string();
+        self.list_with(
+            table,
+            &ListOptions {
+                page_size,
+                offset,
+                ..ListOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// One page of the records that match `options.filter_by_formula` (all records without
+    /// one), with only `options.fields` when some are named.
+    pub async fn list_with(&self, table: &str, options: &ListOptions<'_>) -> Result<Page, Error> {
+        let page_size = options.page_size.clamp(1, MAX_PAGE_SIZE).to_string();
         let mut query = vec![("pageSize", page_size.as_str())];
-        if let Some(offset) = offset {
+        if let Some(offset) = options.offset {
             query.push(("offset", offset));
+        }
+        if let Some(formula) = options.filter_by_formula {
+            query.push(("filterByFormula", formula));
+        }
+        for field in options.fields {
+            query.push(("fields[]", field));
         }
         let request = self.http.get(self.table_url(table)).query(&query);
         self.execute(request, table).await
@@ -302,6 +355,15 @@ mod tests {
         assert_eq!(
             encode_path_segment("My table/#1?é"),
             "My%20table%2F%231%3F%C3%A9"
+        );
+    }
+
+    #[test]
+    fn equality_formulas_escape_quotes() {
+        assert_eq!(formula_equals("profile_id", "p1"), "{profile_id} = 'p1'");
+        assert_eq!(
+            formula_equals("username", r"o'brien\x"),
+            r"{username} = 'o\'brien\\x'"
         );
     }
 

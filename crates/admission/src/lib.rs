@@ -1,0 +1,304 @@
+//! Admission control shared by the whole worker fleet: request-rate limits and lock-outs kept in
+//! Redis, so every worker process draws from the same budget.
+//!
+//! A job asks [`RateLimiter::admit`] before it calls a rate-limited provider. The answer is
+//! [`Admission::Admitted`] (the request's slot is taken) or [`Admission::WaitUntil`]: the job is
+//! then deferred to that instant by the engine. Nothing here sleeps, and nothing here knows a
+//! queue's internals or a job type.
+//!
+//! Each limit is a GCRA (generic cell rate algorithm) state: one Redis key holding the limit's
+//! theoretical arrival time in microseconds. Several limits are checked in one script, so a
+//! request is admitted against all of them or none: a request the token's limit refuses does
+//! not use the base's slot. Keys live under one hash tag (the queue whose jobs are admitted), so
+//! the script touches one cluster slot.
+
+mod connection;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use connection::Connection;
+pub use redis::RedisError;
+
+/// The version segment of admission keys, the same layout version as the queues'.
+pub const LAYOUT_VERSION: &str = "v1";
+
+/// Why admission could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Redis refused or could not be reached; the caller should retry the job later.
+    #[error("Redis error during admission: {0}")]
+    Redis(#[from] RedisError),
+    /// A limit that cannot be enforced (zero or negative rate, zero burst).
+    #[error("invalid rate limit: {0}")]
+    InvalidLimit(String),
+    /// A key name that would break the key layout.
+    #[error("invalid limit key name {0:?}: use 1 to 200 characters without braces or spaces")]
+    InvalidKeyName(String),
+    /// An admit call with no limit, or more than [`MAX_KEYS_PER_ADMIT`].
+    #[error("an admission names 1 to {MAX_KEYS_PER_ADMIT} limits, got {0}")]
+    KeyCount(usize),
+    /// Redis answered something the scripts never return.
+    #[error("unexpected answer from the admission script: {0}")]
+    Protocol(String),
+}
+
+/// The most limits one admission may check at once.
+pub const MAX_KEYS_PER_ADMIT: usize = 8;
+
+/// A rate: one request per `interval` on average, with up to `burst` requests at once.
+///
+/// `burst = 1` spaces requests evenly, which is what a provider counting a sliding window
+/// needs: `Limit::per_second(5.0)` admits one request every 200 ms, never six in one second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    interval_us: u64,
+    burst: u32,
+}
+
+impl Limit {
+    /// `rate` requests per second, evenly spaced (burst 1).
+    pub fn per_second(rate: f64) -> Result<Self, Error> {
+        if !rate.is_finite() || rate <= 0.0 {
+            return Err(Error::InvalidLimit(format!(
+                "rate must be a positive number of requests per second, got {rate}"
+            )));
+        }
+        let interval_us = (1_000_000.0 / rate).round();
+        if interval_us < 1.0 {
+            return Err(Error::InvalidLimit(format!(
+                "rate {rate}/s is above one request per microsecond"
+            )));
+        }
+        Ok(Self {
+            interval_us: interval_us as u64,
+            burst: 1,
+        })
+    }
+
+    /// One request every `interval`, evenly spaced.
+    pub fn every(interval: Duration) -> Result<Self, Error> {
+        let interval_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+        if interval_us == 0 {
+            return Err(Error::InvalidLimit("interval must not be zero".into()));
+        }
+        Ok(Self {
+            interval_us,
+            burst: 1,
+        })
+    }
+
+    /// Allows up to `burst` requests back to back after an idle spell.
+    pub fn with_burst(self, burst: u32) -> Result<Self, Error> {
+        if burst == 0 {
+            return Err(Error::InvalidLimit("burst must be at least 1".into()));
+        }
+        Ok(Self { burst, ..self })
+    }
+
+    /// The average spacing between admitted requests.
+    pub fn interval(&self) -> Duration {
+        Duration::from_micros(self.interval_us)
+    }
+
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+
+    fn tolerance_us(&self) -> u64 {
+        self.interval_us
+            .saturating_mul(u64::from(self.burst.saturating_sub(1)))
+    }
+}
+
+/// One limited thing (an Airtable base, a token) with its limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitKey {
+    redis_key: String,
+    limit: Limit,
+}
+
+impl LimitKey {
+    /// The Redis key holding this limit's state.
+    pub fn redis_key(&self) -> &str {
+        &self.redis_key
+    }
+
+    pub fn limit(&self) -> Limit {
+        self.limit
+    }
+}
+
+/// The answer to an admission request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Go ahead: the request's slot in every limit is taken.
+    Admitted,
+    /// Not yet: every limit admits again at this instant (Unix milliseconds). Nothing was taken.
+    WaitUntil(u64),
+}
+
+/// Fleet-wide rate limits in Redis. Cheap to clone; clones share the connection.
+#[derive(Clone)]
+pub struct RateLimiter {
+    conn: Connection,
+    prefix: String,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
+    admit: redis::Script,
+    hold: redis::Script,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name
+            .chars()
+            .any(|c| c == '{' || c == '}' || c.is_whitespace() || c.is_control())
+}
+
+impl RateLimiter {
+    /// A limiter whose keys are `<namespace>:v1:{<hash_tag>}:rl:<name>`. Use the queue's
+    /// namespace and, as `hash_tag`, the name of the queue whose jobs are admitted, so limiter
+    /// and queue share a cluster slot.
+    pub fn new(conn: Connection, namespace: &str, hash_tag: &str) -> Result<Self, Error> {
+        if !valid_name(namespace) {
+            return Err(Error::InvalidKeyName(namespace.to_owned()));
+        }
+        if !valid_name(hash_tag) {
+            return Err(Error::InvalidKeyName(hash_tag.to_owned()));
+        }
+        Ok(Self {
+            conn,
+            prefix: format!("{namespace}:{LAYOUT_VERSION}:{{{hash_tag}}}:rl:"),
+            scripts: Arc::new(Scripts {
+                admit: redis::Script::new(include_str!("../lua/admit.lua")),
+                hold: redis::Script::new(include_str!("../lua/hold.lua")),
+            }),
+        })
+    }
+
+    /// The limit `limit` on the thing called `name` (e.g. `base:appXYZ`).
+    pub fn key(&self, name: &str, limit: Limit) -> Result<LimitKey, Error> {
+        if !valid_name(name) {
+            return Err(Error::InvalidKeyName(name.to_owned()));
+        }
+        Ok(LimitKey {
+            redis_key: format!("{}{name}", self.prefix),
+            limit,
+        })
+    }
+
+    /// Admits one request against every key at once, by Redis's clock (one clock for the whole
+    /// fleet, whatever the workers' clocks say).
+    pub async fn admit(&self, keys: &[LimitKey]) -> Result<Admission, Error> {
+        self.run_admit(keys, None).await
+    }
+
+    /// [`admit`](Self::admit) at an explicit instant (Unix milliseconds), for simulations and
+    /// tests; the instants given to one key must not go backwards by more than its interval.
+    pub async fn admit_at(&self, keys: &[LimitKey], now_ms: u64) -> Result<Admission, Error> {
+        self.run_admit(keys, Some(now_ms)).await
+    }
+
+    async fn run_admit(&self, keys: &[LimitKey], now_ms: Option<u64>) -> Result<Admission, Error> {
+        if keys.is_empty() || keys.len() > MAX_KEYS_PER_ADMIT {
+            return Err(Error::KeyCount(keys.len()));
+        }
+        let mut invocation = self.scripts.admit.prepare_invoke();
+        for key in keys {
+            invocation.key(&key.redis_key);
+        }
+        invocation.arg(now_arg(now_ms));
+        for key in keys {
+            invocation
+                .arg(key.limit.interval_us)
+                .arg(key.limit.tolerance_us());
+        }
+        let mut conn = self.conn.clone();
+        let (admitted, at): (i64, String) = invocation.invoke_async(&mut conn).await?;
+        let at_us: u64 = at
+            .parse()
+            .map_err(|_| Error::Protocol(format!("instant {at:?}")))?;
+        if admitted == 1 {
+            Ok(Admission::Admitted)
+        } else {
+            Ok(Admission::WaitUntil(at_us.div_ceil(1000)))
+        }
+    }
+
+    /// Holds `key` back until `until_ms` (Unix milliseconds): every admission naming it waits
+    /// at least that long. Used when the provider answered 429 and locked the base out. A hold
+    /// never shortens a longer one already in force.
+    pub async fn hold(&self, key: &LimitKey, until_ms: u64) -> Result<(), Error> {
+        self.run_hold(key, until_ms, None).await
+    }
+
+    /// [`hold`](Self::hold) at an explicit instant, as [`admit_at`](Self::admit_at).
+    pub async fn hold_at(&self, key: &LimitKey, until_ms: u64, now_ms: u64) -> Result<(), Error> {
+        self.run_hold(key, until_ms, Some(now_ms)).await
+    }
+
+    async fn run_hold(
+        &self,
+        key: &LimitKey,
+        until_ms: u64,
+        now_ms: Option<u64>,
+    ) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        let _: String = self
+            .scripts
+            .hold
+            .key(&key.redis_key)
+            .arg(until_ms.saturating_mul(1000))
+            .arg(key.limit.tolerance_us())
+            .arg(now_arg(now_ms))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+}
+
+fn now_arg(now_ms: Option<u64>) -> String {
+    now_ms
+        .map(|ms| ms.saturating_mul(1000).to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_validated() {
+        assert_eq!(
+            Limit::per_second(5.0).unwrap().interval(),
+            Duration::from_millis(200)
+        );
+        assert!(Limit::per_second(0.0).is_err());
+        assert!(Limit::per_second(f64::NAN).is_err());
+        assert!(Limit::per_second(-1.0).is_err());
+        assert!(Limit::every(Duration::ZERO).is_err());
+        assert!(Limit::per_second(5.0).unwrap().with_burst(0).is_err());
+        let bursty = Limit::per_second(10.0).unwrap().with_burst(3).unwrap();
+        assert_eq!(bursty.tolerance_us(), 200_000);
+    }
+
+    #[test]
+    fn key_names_cannot_break_the_hash_tag() {
+        assert!(valid_name("base:app123"));
+        assert!(!valid_name("a{b}"));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name(""));
+    }
+}

@@ -1,0 +1,168 @@
+//! The one table of routes. The router is built from it and the OpenAPI coverage test checks
+//! it against `/v1/openapi.json`, so a route cannot exist without being documented.
+//!
+//! Paths are written as documented (`/v1/queues/{queue}:pause`). The router matches whole path
+//! segments only, so a segment with an action suffix is mounted as its parameter alone
+//! (`/v1/queues/{queue}`) and the handler splits the suffix off.
+
+use axum::http::Method;
+
+/// What a route does; the router maps each to its handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Healthz,
+    Readyz,
+    Metrics,
+    OpenApi,
+    ListQueues,
+    GetQueue,
+    PauseQueue,
+    ResumeQueue,
+    Enqueue,
+    EnqueueBatch,
+    GetJob,
+    ListDead,
+    RetryDead,
+    DiscardDead,
+    ListWorkers,
+    GetAllowedHosts,
+    PutAllowedHosts,
+    ImportProfiles,
+    ProfileStats,
+    StartDaily,
+    ListCampaigns,
+    GetCampaign,
+    CampaignEvents,
+    ResumeCampaign,
+    Cleanup,
+}
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No token needed (probes, metrics, the API document).
+    Public,
+    /// A tenant or an ops token; the handler decides what each may do.
+    Token,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub op: Op,
+    pub access: Access,
+}
+
+const fn route(method: &'static str, path: &'static str, op: Op, access: Access) -> Route {
+    Route {
+        method,
+        path,
+        op,
+        access,
+    }
+}
+
+use Access::{Public, Token};
+
+pub static ROUTES: &[Route] = &[
+    route("GET", "/healthz", Op::Healthz, Public),
+    route("GET", "/readyz", Op::Readyz, Public),
+    route("GET", "/metrics", Op::Metrics, Public),
+    route("GET", "/v1/openapi.json", Op::OpenApi, Public),
+    route("GET", "/v1/queues", Op::ListQueues, Token),
+    route("GET", "/v1/queues/{queue}", Op::GetQueue, Token),
+    route("POST", "/v1/queues/{queue}:pause", Op::PauseQueue, Token),
+    route("POST", "/v1/queues/{queue}:resume", Op::ResumeQueue, Token),
+    route("POST", "/v1/queues/{queue}/jobs", Op::Enqueue, Token),
+    route(
+        "POST",
+        "/v1/queues/{queue}/jobs:batch",
+        Op::EnqueueBatch,
+        Token,
+    ),
+    route("GET", "/v1/queues/{queue}/jobs/{id}", Op::GetJob, Token),
+    route("GET", "/v1/queues/{queue}/dead", Op::ListDead, Token),
+    route(
+        "POST",
+        "/v1/queues/{queue}/dead/{id}:retry",
+        Op::RetryDead,
+        Token,
+    ),
+    route(
+        "DELETE",
+        "/v1/queues/{queue}/dead/{id}",
+        Op::DiscardDead,
+        Token,
+    ),
+    route("GET", "/v1/workers", Op::ListWorkers, Token),
+    route(
+        "GET",
+        "/v1/tenant/allowed-hosts",
+        Op::GetAllowedHosts,
+        Token,
+    ),
+    route(
+        "PUT",
+        "/v1/tenant/allowed-hosts",
+        Op::PutAllowedHosts,
+        Token,
+    ),
+    route("POST", "/v1/profiles", Op::ImportProfiles, Token),
+    route("GET", "/v1/profiles/stats", Op::ProfileStats, Token),
+    route("POST", "/v1/campaigns/daily", Op::StartDaily, Token),
+    route("GET", "/v1/campaigns", Op::ListCampaigns, Token),
+    route("GET", "/v1/campaigns/{id}", Op::GetCampaign, Token),
+    route(
+        "GET",
+        "/v1/campaigns/{id}/events",
+        Op::CampaignEvents,
+        Token,
+    ),
+    route(
+        "POST",
+        "/v1/campaigns/{id}/resume",
+        Op::ResumeCampaign,
+        Token,
+    ),
+    route("POST", "/v1/cleanup", Op::Cleanup, Token),
+];
+
+impl Route {
+    pub fn method(&self) -> Method {
+        Method::from_bytes(self.method.as_bytes()).unwrap_or(Method::GET)
+    }
+
+    /// The path the router mounts: every `{param}:action` segment becomes `{param}`.
+    pub fn mount_path(&self) -> String {
+        self.path
+            .split('/')
+            .map(|segment| match segment.find("}:") {
+                Some(end) if segment.starts_with('{') => &segment[..=end],
+                _ => segment,
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+}
+
+/// Splits `name:action` into its parts; `None` without an action suffix.
+pub fn split_action(segment: &str) -> Option<(&str, &str)> {
+    segment.rsplit_once(':')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn action_segments_mount_as_their_parameter() {
+        let mounts: Vec<String> = ROUTES.iter().map(Route::mount_path).collect();
+        assert!(mounts.contains(&"/v1/queues/{queue}".to_owned()));
+        assert!(mounts.contains(&"/v1/queues/{queue}/dead/{id}".to_owned()));
+        assert!(mounts.contains(&"/v1/queues/{queue}/jobs:batch".to_owned()));
+        for r in ROUTES {
+            assert_eq!(r.method().as_str(), r.method);
+        }
+    }
+}
