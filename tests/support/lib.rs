@@ -304,6 +304,8 @@ pub struct WorkerConfig {
     pub reconciler_every_ms: Option<u64>,
     /// More `--flag value` arguments.
     pub extra: Vec<String>,
+    /// More environment variables (the worker otherwise starts with a cleared environment).
+    pub env: Vec<(String, String)>,
 }
 
 impl WorkerConfig {
@@ -320,6 +322,7 @@ impl WorkerConfig {
             relay: false,
             reconciler_every_ms: None,
             extra: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -346,6 +349,7 @@ impl WorkerProcess {
             .env("REDIS_URL", &cfg.redis_url)
             .env("DATABASE_URL", &cfg.database_url)
             .env("HERALD_NAMESPACE", &cfg.namespace)
+            .envs(cfg.env.iter().map(|(k, v)| (k, v)))
             .args(["--json-logs", "--metrics-addr", "127.0.0.1:0"])
             .args(["--queues", &cfg.queues])
             .args(["--concurrency", &cfg.concurrency.to_string()])

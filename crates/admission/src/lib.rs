@@ -13,12 +13,16 @@
 //! the script touches one cluster slot.
 
 mod connection;
+pub mod slots;
+pub mod window;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use connection::Connection;
 pub use redis::RedisError;
+pub use slots::{SlotAdmission, SlotRequest, Slots, round_robin};
+pub use window::{Window, WindowError};
 
 /// The version segment of admission keys, the same layout version as the queues'.
 pub const LAYOUT_VERSION: &str = "v1";

@@ -47,7 +47,7 @@ enum Format {
 }
 
 /// The media type of a `Content-Type` value, lower-cased, without parameters.
-fn media_type(value: &str) -> String {
+pub(crate) fn media_type(value: &str) -> String {
     value
         .split(';')
         .next()
@@ -56,7 +56,7 @@ fn media_type(value: &str) -> String {
         .to_ascii_lowercase()
 }
 
-fn is_csv_mime(mime: &str) -> bool {
+pub(crate) fn is_csv_mime(mime: &str) -> bool {
     matches!(mime, "text/csv" | "application/csv" | "text/x-csv")
 }
 

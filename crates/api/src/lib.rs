@@ -5,6 +5,7 @@
 //! provider.
 
 mod auth;
+pub mod calls;
 pub mod daily;
 pub mod enqueue;
 mod error;
@@ -14,6 +15,7 @@ mod idempotency;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
+pub mod whatsapp;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -173,7 +175,15 @@ pub fn router(state: AppState) -> Router {
         let handler = method_router(route.op, method);
         match route.access {
             Access::Public => public = public.route(&mount, handler),
-            Access::Token if route.op == Op::ImportProfiles => {
+            Access::Token
+                if matches!(
+                    route.op,
+                    Op::ImportProfiles
+                        | Op::ImportContacts
+                        | Op::UploadCallCampaign
+                        | Op::CreateMessageCampaign
+                ) =>
+            {
                 imports = imports.route(&mount, handler)
             }
             Access::Token => protected = protected.route(&mount, handler),
@@ -240,5 +250,34 @@ fn method_router(op: Op, method: MethodFilter) -> MethodRouter<AppState> {
         Op::CampaignEvents => on(method, daily::campaign_events),
         Op::ResumeCampaign => on(method, daily::resume_campaign),
         Op::Cleanup => on(method, daily::cleanup),
+        Op::CreateCallUser => on(method, calls::create_user),
+        Op::CreateCallAgent => on(method, calls::create_agent),
+        Op::ImportContacts => on(method, calls::import_contacts),
+        Op::PutVoiceProvider => on(method, calls::put_voice_provider),
+        Op::CreateCallCampaign => on(method, calls::create_campaign),
+        Op::UploadCallCampaign => on(method, calls::upload_campaign),
+        Op::CallCampaignTemplate => on(method, calls::template),
+        Op::ListCallCampaigns => on(method, calls::list_campaigns),
+        Op::GetCallCampaign => on(method, calls::get_campaign),
+        Op::CallCampaignStats => on(method, calls::campaign_stats),
+        Op::PauseCallCampaign | Op::ResumeCallCampaign | Op::CancelCallCampaign => {
+            on(method, calls::campaign_action)
+        }
+        Op::DeleteCallCampaign => on(method, calls::delete_campaign),
+        Op::VoiceWebhook => on(method, calls::voice_webhook),
+        Op::CreateTemplate => on(method, whatsapp::create_template),
+        Op::TemplateSampleCsv => on(method, whatsapp::sample_csv),
+        Op::PutWhatsAppProvider => on(method, whatsapp::put_provider),
+        Op::CreateMessageCampaign => on(method, whatsapp::create_campaign),
+        Op::GetMessageCampaign => on(method, whatsapp::get_campaign),
+        Op::MessageCampaignStats => on(method, whatsapp::campaign_stats),
+        Op::SendMessageCampaign => on(method, whatsapp::send_campaign),
+        Op::PauseMessageCampaign => on(method, whatsapp::pause_campaign),
+        Op::ResumeMessageCampaign => on(method, whatsapp::resume_campaign),
+        Op::StopMessageCampaign => on(method, whatsapp::stop_campaign),
+        Op::RetryFailedMessages => on(method, whatsapp::retry_failed),
+        Op::FailedMessagesCsv => on(method, whatsapp::failed_csv),
+        Op::WhatsAppWebhookVerify => on(method, whatsapp::verify_webhook),
+        Op::WhatsAppWebhook => on(method, whatsapp::status_webhook),
     }
 }

@@ -3,6 +3,9 @@
 
 use serde_json::{Value, json};
 
+mod calls;
+mod whatsapp;
+
 fn error_response(description: &str) -> Value {
     json!({
         "description": description,
@@ -465,5 +468,9 @@ pub fn document() -> Value {
     });
     extend(&mut document["paths"], daily_paths());
     extend(&mut document["components"]["schemas"], daily_schemas());
+    extend(&mut document["paths"], calls::paths());
+    extend(&mut document["components"]["schemas"], calls::schemas());
+    extend(&mut document["paths"], whatsapp::paths());
+    extend(&mut document["components"]["schemas"], whatsapp::schemas());
     document
 }

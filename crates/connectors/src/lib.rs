@@ -2,3 +2,5 @@
 //! carry the retry decision, and none retries or sleeps on its own.
 
 pub mod airtable;
+pub mod voice;
+pub mod whatsapp;

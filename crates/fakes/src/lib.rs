@@ -4,3 +4,5 @@
 //! and the same inspection available directly from Rust through its handle.
 
 pub mod airtable;
+pub mod meta;
+pub mod vapi;

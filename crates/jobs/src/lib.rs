@@ -6,11 +6,13 @@
 
 pub mod airtable;
 pub mod builtin;
+pub mod calls;
 pub mod daily;
 pub mod durable;
 pub mod http;
 pub mod registry;
 pub mod relay;
+pub mod whatsapp;
 
 pub use registry::{JobType, job_type, job_types};
 
@@ -24,6 +26,12 @@ pub struct Deps {
     /// Airtable and its fleet-wide rate limits, for the daily assignment's sync and cleanup jobs.
     /// `None` when Airtable is not configured: those jobs then retry with a reason.
     pub airtable: Option<std::sync::Arc<airtable::Airtable>>,
+    /// Voice calls' fleet-wide slots and provider client, for the call campaign jobs. `None`
+    /// when not configured: those jobs then retry with a reason.
+    pub voice: Option<std::sync::Arc<calls::Voice>>,
+    /// WhatsApp's client and fleet-wide send rate limiter, for the message campaigns' send
+    /// steps. `None` when not configured: those jobs then retry with a reason.
+    pub whatsapp: Option<std::sync::Arc<whatsapp::WhatsApp>>,
 }
 
 impl Deps {
@@ -34,7 +42,19 @@ impl Deps {
             http,
             allow_probe_abort,
             airtable: None,
+            voice: None,
+            whatsapp: None,
         }
+    }
+
+    pub fn with_voice(mut self, voice: calls::Voice) -> Self {
+        self.voice = Some(std::sync::Arc::new(voice));
+        self
+    }
+
+    pub fn with_whatsapp(mut self, whatsapp: whatsapp::WhatsApp) -> Self {
+        self.whatsapp = Some(std::sync::Arc::new(whatsapp));
+        self
     }
 
     pub fn with_airtable(mut self, airtable: airtable::Airtable) -> Self {

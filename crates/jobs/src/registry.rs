@@ -7,8 +7,10 @@ use herald_core::JobPayload;
 use serde_json::Value;
 
 use crate::builtin::{Noop, Probe};
+use crate::calls::{CallDispatch, ReleaseSlot};
 use crate::daily::{AirtableCleanup, DailyCleanup, DailyDistribute, DailySelect, DailySync};
 use crate::http::HttpJob;
+use crate::whatsapp::WhatsAppSend;
 
 /// One job type: its queue, payload version, default attempt budget and timeout.
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +49,16 @@ const fn describe<P: JobPayload>(
 }
 
 static TYPES: &[JobType] = &[
+    describe::<CallDispatch>(
+        "Call campaigns: admit and place the tenant's next calls (slots per user and per tenant, round-robin, calling windows).",
+        false,
+        validate_as::<CallDispatch>,
+    ),
+    describe::<ReleaseSlot>(
+        "Call campaigns: a call ended at the provider; record its outcome, free its slot once, dispatch the next call.",
+        false,
+        validate_as::<ReleaseSlot>,
+    ),
     describe::<AirtableCleanup>(
         "Daily assignment cleanup in Airtable: mark up to 10 records unfollow, or delete them; paced by the Airtable rate limiter.",
         false,
@@ -86,6 +98,11 @@ static TYPES: &[JobType] = &[
         "Diagnostic: records an effect row in Postgres (counting runs), optionally sleeping first.",
         true,
         validate_as::<Probe>,
+    ),
+    describe::<WhatsAppSend>(
+        "WhatsApp campaign send step: one template message to one recipient, admitted by the fleet-wide rate limit of the tenant's sender number; recorded as attempting before the call.",
+        false,
+        validate_as::<WhatsAppSend>,
     ),
 ];
 

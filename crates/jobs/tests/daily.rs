@@ -65,6 +65,8 @@ fn deps(pool: &PgPool, airtable: Option<Airtable>) -> Deps {
         http: reqwest::Client::new(),
         allow_probe_abort: false,
         airtable: airtable.map(Arc::new),
+        voice: None,
+        whatsapp: None,
     }
 }
 

@@ -45,6 +45,9 @@ pub struct WorkerOptions {
     /// Jobs fetched ahead of a free slot, so handlers have work while the next round trip is
     /// under way (they wait with their leases renewed; at shutdown they are released unstarted).
     pub prefetch: usize,
+    /// While handlers are running, how long the driver may wait for more of them to finish
+    /// before paying for a round trip, so acknowledgements and fetches travel in batches.
+    pub ack_linger: Duration,
     /// Visibility timeout: a job whose worker stops renewing its lease this long is re-delivered.
     pub lease: Duration,
     /// A run longer than this is cancelled and counts as a failed attempt.
@@ -64,6 +67,7 @@ impl WorkerOptions {
             concurrency: 10,
             fetch_batch: 100,
             prefetch: 0,
+            ack_linger: Duration::from_millis(2),
             lease: Duration::from_secs(30),
             timeout: Duration::from_secs(60),
             backoff: Backoff::default(),
@@ -455,8 +459,27 @@ impl<Args: JobPayload> Driver<Args> {
                 let released = std::mem::take(&mut self.releases);
                 self.release(released).await;
             }
-            let free =
-                (self.options.concurrency + self.options.prefetch).saturating_sub(self.in_flight);
+            let capacity = self.options.concurrency + self.options.prefetch;
+            // Batch: with handlers still running and little to send, wait a moment for more
+            // of them to finish (bounded by `ack_linger`) instead of a round trip per job.
+            let goal = capacity.min(self.options.fetch_batch);
+            if !self.stopping && self.in_flight > 0 && !self.options.ack_linger.is_zero() {
+                let linger_until = tokio::time::Instant::now() + self.options.ack_linger;
+                while close.is_none()
+                    && self.in_flight > 0
+                    && self.acks.len() + capacity.saturating_sub(self.in_flight) < goal
+                {
+                    match tokio::time::timeout_at(linger_until, self.rx.recv()).await {
+                        Ok(Some(msg)) => self.accept(msg, &mut close),
+                        Ok(None) => close = Some(Vec::new()),
+                        Err(_) => break,
+                    }
+                }
+                if close.is_some() {
+                    continue;
+                }
+            }
+            let free = capacity.saturating_sub(self.in_flight);
             let want = if self.stopping {
                 0
             } else {

@@ -6,13 +6,16 @@
 //! the outbox relay, reconciler and pruning operations, which say so in their documentation and
 //! never hand rows back to a tenant.
 
+pub mod calls;
 pub mod daily;
 mod error;
 pub mod idempotency;
+pub mod messages;
 pub mod ops_tokens;
 pub mod outbox;
 pub mod probe;
 pub mod profiles;
+pub mod sends;
 pub mod tenants;
 mod tokens;
 

@@ -147,6 +147,8 @@ pub struct Args {
 
 /// The job types this binary has a handler for.
 pub const HANDLED: &[&str] = &[
+    "call_dispatch",
+    "call_release_slot",
     "daily_airtable_cleanup",
     "daily_cleanup",
     "daily_distribute",
@@ -155,6 +157,7 @@ pub const HANDLED: &[&str] = &[
     "http",
     "noop",
     "probe",
+    "whatsapp_send",
 ];
 
 /// One queue to serve.

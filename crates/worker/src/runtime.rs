@@ -10,11 +10,13 @@ use apalis_core::worker::builder::WorkerBuilder;
 use herald_jobs::Deps;
 use herald_jobs::airtable::{Airtable, AirtableSettings};
 use herald_jobs::builtin::{self, Noop, Probe};
+use herald_jobs::calls::{self, CallDispatch, ReleaseSlot, Voice, VoiceSettings};
 use herald_jobs::daily::{
     self, AirtableCleanup, DailyCleanup, DailyDistribute, DailySelect, DailySync,
 };
 use herald_jobs::durable::OutboxOutcomeLayer;
 use herald_jobs::http::{self, HttpJob};
+use herald_jobs::whatsapp::{self, WhatsApp, WhatsAppSend, WhatsAppSettings};
 use herald_queue::periodic::claim_period;
 use herald_queue::{Client, DrainHandle, QueueSettings, RedisBackend, RedisTarget, WorkerOptions};
 use tokio::sync::watch;
@@ -84,6 +86,9 @@ fn serve_queue(ctx: QueueCtx, metrics: &mut Vec<QueueMetrics>) -> anyhow::Result
         "daily_airtable_cleanup" => {
             serve!(AirtableCleanup, daily::airtable_cleanup, ctx, metrics)
         }
+        "call_dispatch" => serve!(CallDispatch, calls::dispatch, ctx, metrics),
+        "call_release_slot" => serve!(ReleaseSlot, calls::release_slot, ctx, metrics),
+        "whatsapp_send" => serve!(WhatsAppSend, whatsapp::send, ctx, metrics),
         other => anyhow::bail!("queue {other:?} has no handler in this herald-worker build"),
     })
 }
@@ -171,6 +176,29 @@ pub async fn run(
         .build()
         .context("building the HTTP client")?;
     let mut deps = Deps::new(pool.clone(), http.clone(), args.allow_probe_abort);
+    // Voice calls (VOICE_API_URL, HERALD_CALL_SLOT_LEASE_MS, HERALD_CALL_DISPATCH_BATCH): slots
+    // live under the call_dispatch queue's hash tag in this worker's namespace.
+    let voice_settings = VoiceSettings::from_env().context("voice call settings")?;
+    let voice = Voice::connect(
+        http.clone(),
+        voice_settings,
+        &args.redis_url,
+        &args.namespace,
+    )
+    .await
+    .context("call slots")?;
+    deps = deps.with_voice(voice);
+    // WhatsApp (WHATSAPP_API_URL, default Meta's Graph API): the send rate limits live under the
+    // whatsapp_send queue's hash tag in this worker's namespace.
+    let whatsapp = WhatsApp::connect(
+        http.clone(),
+        &WhatsAppSettings::from_env(),
+        &args.redis_url,
+        &args.namespace,
+    )
+    .await
+    .context("WhatsApp rate limiter")?;
+    deps = deps.with_whatsapp(whatsapp);
     // Airtable (AIRTABLE_API_URL, AIRTABLE_TOKEN, AIRTABLE_BASE_ID, HERALD_AIRTABLE_*): without
     // it the daily assignment's sync and cleanup jobs retry with a reason.
     match AirtableSettings::from_env().context("Airtable settings")? {

@@ -1,0 +1,606 @@
+//! Call campaigns over HTTP: users, agents, contacts, the tenant's voice-provider account,
+//! campaigns (create from contacts or a CSV, list, view, pause, resume, cancel, delete, stats,
+//! CSV templates) and the provider's webhook.
+//!
+//! Tenant routes act on the tenant's own data (an ops token is 403, another tenant's campaign
+//! 404). Creating or resuming a campaign writes its dispatch job in Postgres (the outbox); the
+//! workers place the calls. The webhook is authenticated by the tenant's shared secret
+//! (`X-Vapi-Secret`, compared in constant time): a bad or missing secret is 401 and changes
+//! nothing.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::NaiveDate;
+use herald_admission::window::{Window, parse_time};
+use herald_connectors::voice::{self, ServerEvent};
+use herald_core::TenantId;
+use herald_store::calls::{self, NewCampaign, NewContact};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq as _;
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::extract::{JsonBody, Params, QueryParams, body_rejection, is_json_mime};
+use crate::routes::split_action;
+use crate::{ApiError, AppState};
+
+/// The default voice API when a tenant names none: `VOICE_API_URL`, else Vapi's.
+fn default_voice_api_url() -> String {
+    std::env::var("VOICE_API_URL").unwrap_or_else(|_| voice::DEFAULT_API_URL.to_owned())
+}
+
+/// A JSON body as `T`, the error naming what serde names.
+fn typed<T: DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+    serde_json::from_value(body).map_err(|e| {
+        let message = e.to_string();
+        let field = message
+            .split('`')
+            .nth(1)
+            .filter(|_| message.contains("field"))
+            .unwrap_or("(body)")
+            .to_owned();
+        ApiError::invalid(field, message)
+    })
+}
+
+fn media_type(headers: &HeaderMap) -> String {
+    crate::daily::media_type(
+        headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default(),
+    )
+}
+
+fn csv_error(e: herald_store::Error) -> ApiError {
+    match e {
+        herald_store::Error::Invalid { reason, .. } => ApiError::MalformedCsv(reason),
+        other => other.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Users, agents, provider
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserRequest {
+    name: String,
+    #[serde(default)]
+    concurrent_calls_limit: Option<u32>,
+}
+
+/// `POST /v1/users` `{"name", "concurrent_calls_limit"?}` (default 2) → 201.
+pub async fn create_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant()?;
+    let request: UserRequest = typed(body)?;
+    let user = calls::create_user(
+        state.pool(),
+        tenant,
+        &request.name,
+        request.concurrent_calls_limit,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(json!(user))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentRequest {
+    name: String,
+    assistant_id: String,
+    phone_number_id: String,
+}
+
+/// `POST /v1/agents` `{"name", "assistant_id", "phone_number_id"}` → 201.
+pub async fn create_agent(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant()?;
+    let request: AgentRequest = typed(body)?;
+    let agent = calls::create_agent(
+        state.pool(),
+        tenant,
+        &request.name,
+        &request.assistant_id,
+        &request.phone_number_id,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(json!(agent))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderRequest {
+    #[serde(default)]
+    api_url: Option<String>,
+    api_key: String,
+    webhook_secret: String,
+    #[serde(default)]
+    system_limit: Option<u32>,
+}
+
+/// `PUT /v1/providers/voice` `{"api_url"?, "api_key", "webhook_secret", "system_limit"?}`: the
+/// tenant's provider account (the API URL defaults to `VOICE_API_URL`). The answer never
+/// repeats the key or the secret.
+pub async fn put_voice_provider(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let request: ProviderRequest = typed(body)?;
+    let api_url = request.api_url.unwrap_or_else(default_voice_api_url);
+    let provider = calls::put_voice_provider(
+        state.pool(),
+        tenant,
+        &api_url,
+        &request.api_key,
+        &request.webhook_secret,
+        request.system_limit,
+    )
+    .await?;
+    Ok(Json(json!({
+        "api_url": provider.api_url,
+        "system_limit": provider.system_limit,
+        "webhook_url": format!("/v1/webhooks/voice/{tenant}"),
+    })))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contacts
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContactsBody {
+    contacts: Vec<Value>,
+}
+
+/// The contacts of a JSON list: each `{"phone", "name"?, …context}`; a bad item is reported
+/// with its number (from 1).
+fn json_contacts(items: Vec<Value>) -> Vec<calls::ContactRow> {
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| {
+            let line = index as u64 + 1;
+            let reject = |column: &str, reason: String| calls::RejectedContact {
+                line,
+                column: column.to_owned(),
+                reason,
+            };
+            let contact = match item {
+                Value::Object(mut map) => {
+                    let phone = map.remove("phone");
+                    let name = map.remove("name");
+                    match (phone, name) {
+                        (Some(Value::String(phone)), Some(Value::String(name))) => {
+                            NewContact::new(&phone, Some(&name), map)
+                                .map_err(|r| reject("phone", r))
+                        }
+                        (Some(Value::String(phone)), None | Some(Value::Null)) => {
+                            NewContact::new(&phone, None, map).map_err(|r| reject("phone", r))
+                        }
+                        (Some(Value::String(_)), Some(_)) => {
+                            Err(reject("name", "name must be a string".into()))
+                        }
+                        (None, _) => Err(reject("phone", "phone is missing".into())),
+                        (Some(_), _) => Err(reject("phone", "phone must be a string".into())),
+                    }
+                }
+                _ => Err(reject("(item)", "must be an object".into())),
+            };
+            calls::ContactRow { line, contact }
+        })
+        .collect()
+}
+
+/// `POST /v1/contacts`: `{"contacts": [...]}` or a CSV (`text/csv`) → 200 with the stored ids
+/// and the refused rows (line, column, reason).
+pub async fn import_contacts(
+    State(state): State<AppState>,
+    caller: Caller,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant()?;
+    let mime = media_type(request.headers());
+    let limit = state.config().import_body_limit;
+    let bytes = Bytes::from_request(request, &state)
+        .await
+        .map_err(|e| body_rejection(e, limit))?;
+    let rows = if crate::daily::is_csv_mime(&mime) {
+        calls::parse_contacts_csv(&bytes).map_err(csv_error)?
+    } else if is_json_mime(&mime) {
+        let body: Value =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+        let body: ContactsBody = typed(body)?;
+        json_contacts(body.contacts)
+    } else {
+        return Err(ApiError::UnsupportedMediaType(
+            "text/csv or application/json",
+        ));
+    };
+    let mut conn = state.pool().acquire().await?;
+    let report = calls::import_contacts(&mut conn, tenant, rows).await?;
+    Ok((StatusCode::OK, Json(json!(report))).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Campaigns
+
+/// A campaign's settings as a JSON body or upload query; every field is a string (times
+/// `HH:MM`, the zone IANA, the date `YYYY-MM-DD`) so both share one parser.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignSettings {
+    name: String,
+    user_id: Uuid,
+    agent_id: Uuid,
+    #[serde(default)]
+    next_action: Option<String>,
+    first_call_time: String,
+    last_call_time: String,
+    time_zone: String,
+    #[serde(default)]
+    start_date: Option<NaiveDate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CampaignRequest {
+    name: String,
+    user_id: Uuid,
+    agent_id: Uuid,
+    #[serde(default)]
+    next_action: Option<String>,
+    first_call_time: String,
+    last_call_time: String,
+    time_zone: String,
+    #[serde(default)]
+    start_date: Option<NaiveDate>,
+    contact_ids: Vec<Uuid>,
+}
+
+impl CampaignRequest {
+    fn split(self) -> (CampaignSettings, Vec<Uuid>) {
+        (
+            CampaignSettings {
+                name: self.name,
+                user_id: self.user_id,
+                agent_id: self.agent_id,
+                next_action: self.next_action,
+                first_call_time: self.first_call_time,
+                last_call_time: self.last_call_time,
+                time_zone: self.time_zone,
+                start_date: self.start_date,
+            },
+            self.contact_ids,
+        )
+    }
+}
+
+/// Validates the window once, here: times, zone, a non-empty window. The start date defaults
+/// to today in the campaign's zone.
+fn new_campaign(settings: CampaignSettings) -> Result<NewCampaign, ApiError> {
+    let invalid =
+        |field: &str, e: herald_admission::WindowError| ApiError::invalid(field, e.to_string());
+    let first = parse_time("first_call_time", &settings.first_call_time)
+        .map_err(|e| invalid("first_call_time", e))?;
+    let last = parse_time("last_call_time", &settings.last_call_time)
+        .map_err(|e| invalid("last_call_time", e))?;
+    let zone = herald_admission::window::parse_zone(&settings.time_zone)
+        .map_err(|e| invalid("time_zone", e))?;
+    let start_date = settings
+        .start_date
+        .unwrap_or_else(|| chrono::Utc::now().with_timezone(&zone).date_naive());
+    Window::new(first, last, zone, start_date).map_err(|e| invalid("last_call_time", e))?;
+    Ok(NewCampaign {
+        name: settings.name,
+        user_id: settings.user_id,
+        agent_id: settings.agent_id,
+        next_action: settings.next_action,
+        first_call_time: first,
+        last_call_time: last,
+        time_zone: zone.name().to_owned(),
+        start_date,
+    })
+}
+
+/// `POST /v1/call-campaigns` from existing contacts → 201 with the campaign and `queued`.
+pub async fn create_campaign(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant()?;
+    let (settings, contact_ids) = typed::<CampaignRequest>(body)?.split();
+    let campaign = new_campaign(settings)?;
+    if contact_ids.is_empty() {
+        return Err(ApiError::invalid(
+            "contact_ids",
+            "must name at least one contact",
+        ));
+    }
+    let (created, queued) =
+        herald_jobs::calls::start_campaign(state.pool(), tenant, &campaign, &contact_ids).await?;
+    tracing::info!(%tenant, campaign = %created.id, queued, "call campaign created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"campaign": created, "queued": queued})),
+    )
+        .into_response())
+}
+
+/// `POST /v1/call-campaigns:upload?name=…&user_id=…` with a `text/csv` body: the contacts are
+/// stored (bad rows reported by line and column, never blocking good ones) and the campaign
+/// calls the good ones. A body that is not CSV, or is too big, is 400 and nothing is written.
+pub async fn upload_campaign(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(settings): QueryParams<CampaignSettings>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant()?;
+    let campaign = new_campaign(settings)?;
+    let mime = media_type(request.headers());
+    if !crate::daily::is_csv_mime(&mime) {
+        return Err(ApiError::UnsupportedMediaType("text/csv"));
+    }
+    let limit = state.config().import_body_limit;
+    let bytes = Bytes::from_request(request, &state)
+        .await
+        .map_err(|e| body_rejection(e, limit))?;
+    let rows = calls::parse_contacts_csv(&bytes).map_err(csv_error)?;
+    let mut tx = state.pool().begin().await?;
+    let report = calls::import_contacts(&mut tx, tenant, rows).await?;
+    if report.contact_ids.is_empty() {
+        return Err(ApiError::invalid(
+            "file",
+            format!(
+                "no usable contact in the file ({} rows refused)",
+                report.rejected
+            ),
+        ));
+    }
+    let (created, queued) =
+        calls::create_campaign(&mut tx, tenant, &campaign, &report.contact_ids).await?;
+    herald_jobs::calls::enqueue_dispatch(&mut tx, tenant, None).await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "campaign": created, "queued": queued,
+            "stored": report.stored, "rejected": report.rejected,
+            "rejected_rows": report.rejected_rows
+        })),
+    )
+        .into_response())
+}
+
+const BASIC_TEMPLATE: &str = "phone,name\n+14155550100,Ada Lovelace\n+442079460000,\n";
+const ADVANCED_TEMPLATE: &str = "phone,name,company,email,notes\n\
+    +14155550100,Ada Lovelace,Analytical Engines,ada@example.com,Prefers mornings\n\
+    +442079460000,,Example Ltd,info@example.com,\n";
+
+/// `GET /v1/call-campaigns/templates/{basic|advanced}.csv`.
+pub async fn template(caller: Caller, Params(file): Params<String>) -> Result<Response, ApiError> {
+    caller.tenant()?;
+    let body = match file.as_str() {
+        "basic.csv" => BASIC_TEMPLATE,
+        "advanced.csv" => ADVANCED_TEMPLATE,
+        other => return Err(ApiError::not_found(format!("template {other:?}"))),
+    };
+    Ok((
+        StatusCode::OK,
+        [
+            (CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (axum::http::header::CONTENT_DISPOSITION, "attachment"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+fn campaign_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::not_found(format!("call campaign {id:?}")))
+}
+
+#[derive(Deserialize)]
+pub struct Page {
+    limit: Option<i64>,
+}
+
+/// `GET /v1/call-campaigns?limit=`: newest first.
+pub async fn list_campaigns(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(page): QueryParams<Page>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let limit = page.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadRequest {
+            field: "limit".into(),
+            message: "must be 1 to 500".into(),
+        });
+    }
+    let campaigns = calls::list_campaigns(state.pool(), tenant, limit).await?;
+    Ok(Json(json!({ "campaigns": campaigns })))
+}
+
+/// `GET /v1/call-campaigns/{id}`: the campaign with its stats.
+pub async fn get_campaign(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let id = campaign_id(&id)?;
+    let campaign = calls::campaign(state.pool(), tenant, id).await?;
+    let stats = calls::campaign_stats(state.pool(), tenant, id).await?;
+    Ok(Json(json!({"campaign": campaign, "stats": stats})))
+}
+
+/// `GET /v1/call-campaigns/{id}/stats`.
+pub async fn campaign_stats(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let stats = calls::campaign_stats(state.pool(), tenant, campaign_id(&id)?).await?;
+    Ok(Json(json!(stats)))
+}
+
+/// `POST /v1/call-campaigns/{id}:pause|:resume|:cancel`.
+pub async fn campaign_action(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(segment): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let (id, action) = split_action(&segment).ok_or(ApiError::MethodNotAllowed)?;
+    let id = campaign_id(id)?;
+    let pool = state.pool();
+    match action {
+        "pause" => {
+            let campaign = calls::pause_campaign(pool, tenant, id, "paused by request").await?;
+            Ok(Json(json!({ "campaign": campaign })))
+        }
+        "resume" => {
+            let campaign = herald_jobs::calls::resume_campaign(pool, tenant, id).await?;
+            Ok(Json(json!({ "campaign": campaign })))
+        }
+        "cancel" => {
+            let cancelled = calls::cancel_campaign(pool, tenant, id).await?;
+            let campaign = calls::campaign(pool, tenant, id).await?;
+            Ok(Json(
+                json!({ "campaign": campaign, "cancelled_calls": cancelled }),
+            ))
+        }
+        other => Err(ApiError::RouteNotFound(format!(
+            "/v1/call-campaigns/{{id}}:{other}"
+        ))),
+    }
+}
+
+/// `DELETE /v1/call-campaigns/{id}`: 409 while calls are in progress.
+pub async fn delete_campaign(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let id = campaign_id(&id)?;
+    calls::delete_campaign(state.pool(), tenant, id).await?;
+    Ok(Json(json!({"id": id, "deleted": true})))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhook
+
+/// Whether `given` is the tenant's secret, compared in constant time.
+fn secret_matches(expected: &str, given: Option<&str>) -> bool {
+    given.is_some_and(|given| bool::from(expected.as_bytes().ct_eq(given.as_bytes())))
+}
+
+/// `POST /v1/webhooks/voice/{tenant_id}`: a Vapi server message with the tenant's secret in
+/// `X-Vapi-Secret`. Unknown tenant, no provider, or a bad or missing secret: 401, nothing
+/// changes. A call-ended message writes a release job keyed by the provider's call id.
+pub async fn voice_webhook(
+    State(state): State<AppState>,
+    Params(tenant): Params<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    const REFUSED: &str = "missing or wrong X-Vapi-Secret";
+    let tenant: TenantId = tenant
+        .parse()
+        .map_err(|_| ApiError::Unauthorized(REFUSED))?;
+    let provider = herald_jobs::calls::provider(state.pool(), tenant)
+        .await?
+        .ok_or(ApiError::Unauthorized(REFUSED))?;
+    let given = headers.get("x-vapi-secret").and_then(|v| v.to_str().ok());
+    if !secret_matches(&provider.webhook_secret, given) {
+        tracing::warn!(%tenant, "voice webhook refused: bad secret");
+        return Err(ApiError::Unauthorized(REFUSED));
+    }
+    let event = voice::parse_server_message(&body).map_err(|e| ApiError::BadRequest {
+        field: "(body)".into(),
+        message: e.to_string(),
+    })?;
+    let effect = herald_jobs::calls::on_server_message(state.pool(), tenant, event.clone()).await?;
+    let (kind, duplicate) = match (&event, effect) {
+        (
+            ServerEvent::Ended { .. },
+            herald_jobs::calls::MessageEffect::ReleaseQueued { duplicate },
+        ) => ("ended", duplicate),
+        (ServerEvent::InProgress { .. }, _) => ("in_progress", false),
+        _ => ("ignored", false),
+    };
+    Ok(Json(json!({"received": kind, "duplicate": duplicate})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_must_match_exactly() {
+        assert!(secret_matches("s3cret-value", Some("s3cret-value")));
+        assert!(!secret_matches("s3cret-value", Some("s3cret-valuE")));
+        assert!(!secret_matches("s3cret-value", Some("s3cret")));
+        assert!(!secret_matches("s3cret-value", None));
+    }
+
+    #[test]
+    fn json_contacts_report_the_item_and_column() {
+        let rows = json_contacts(vec![
+            json!({"phone": "+14155550100", "name": "Ann", "company": "Acme"}),
+            json!({"name": "Bob"}),
+            json!({"phone": "+1415555", "name": 5}),
+            json!("x"),
+        ]);
+        assert_eq!(rows[0].contact.as_ref().unwrap().context["company"], "Acme");
+        assert_eq!(rows[1].contact.as_ref().unwrap_err().column, "phone");
+        assert_eq!(rows[2].contact.as_ref().unwrap_err().column, "name");
+        assert_eq!(rows[3].contact.as_ref().unwrap_err().line, 4);
+    }
+
+    #[test]
+    fn campaign_windows_are_validated_here() {
+        let settings = |first: &str, last: &str, zone: &str| CampaignSettings {
+            name: "c".into(),
+            user_id: Uuid::nil(),
+            agent_id: Uuid::nil(),
+            next_action: None,
+            first_call_time: first.into(),
+            last_call_time: last.into(),
+            time_zone: zone.into(),
+            start_date: None,
+        };
+        assert!(new_campaign(settings("22:00", "06:00", "Europe/London")).is_ok());
+        for (s, field) in [
+            (settings("9am", "18:00", "UTC"), "first_call_time"),
+            (settings("09:00", "09:00", "UTC"), "last_call_time"),
+            (settings("09:00", "18:00", "Mars/Base"), "time_zone"),
+        ] {
+            match new_campaign(s) {
+                Err(ApiError::Invalid { field: got, .. }) => assert_eq!(got, field),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,1424 @@
+//! WhatsApp template campaigns: templates (with the parameter counts derived from their
+//! `{{n}}` placeholders), each tenant's WhatsApp account settings, campaigns and their
+//! recipients (validated against the template's columns, row by row), and the bookkeeping the
+//! send step does around a provider call. A recipient's delivery status is its send's (see
+//! [`crate::sends`]); a recipient without a send is pending.
+//!
+//! Every query is scoped by tenant.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use herald_core::TenantId;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::Error;
+use crate::error;
+use crate::sends;
+
+/// The channel name sends of WhatsApp campaigns are recorded under.
+pub const CHANNEL: &str = "whatsapp";
+/// The most recipients one campaign upload may carry.
+pub const MAX_RECIPIENTS: usize = 200_000;
+/// The longest template parameter value accepted.
+pub const MAX_PARAM_LEN: usize = 1_024;
+/// The slowest and fastest configurable send rate (messages per second).
+pub const RATE_RANGE: std::ops::RangeInclusive<u32> = 1..=1_000;
+/// The fewest and most sends of one campaign in flight at once.
+pub const CONCURRENCY_RANGE: std::ops::RangeInclusive<u32> = 1..=100;
+
+// ---------------------------------------------------------------------------------------------
+// Templates
+
+/// A template's variables, derived from its components.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TemplateParams {
+    pub header: u32,
+    pub body: u32,
+    /// The indexes (from 0, in the BUTTONS component) of URL buttons whose URL ends in `{{1}}`.
+    pub url_buttons: Vec<u32>,
+}
+
+impl TemplateParams {
+    /// The recipient columns, in order: `country_code, phone_number, header_param_1…,
+    /// body_param_1…, button_url_param` (`button_url_param_1…` with several URL buttons).
+    pub fn columns(&self) -> Vec<String> {
+        let mut columns = vec!["country_code".to_owned(), "phone_number".to_owned()];
+        columns.extend((1..=self.header).map(|n| format!("header_param_{n}")));
+        columns.extend((1..=self.body).map(|n| format!("body_param_{n}")));
+        match self.url_buttons.len() {
+            0 => {}
+            1 => columns.push("button_url_param".to_owned()),
+            n => columns.extend((1..=n).map(|i| format!("button_url_param_{i}"))),
+        }
+        columns
+    }
+
+    /// How many parameter values a recipient carries (every column but the phone's two).
+    pub fn len(&self) -> usize {
+        self.header as usize + self.body as usize + self.url_buttons.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The placeholder numbers in `text`, e.g. `{{1}}`, `{{2}}`.
+fn placeholders(text: &str) -> Result<Vec<u32>, String> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let end = after
+            .find("}}")
+            .ok_or_else(|| format!("unclosed placeholder in {text:?}"))?;
+        let inner = after[..end].trim();
+        let n: u32 = inner
+            .parse()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| format!("placeholder {{{{{inner}}}}} must be a number from 1"))?;
+        found.push(n);
+        rest = &after[end + 2..];
+    }
+    Ok(found)
+}
+
+/// The count of placeholders in `text`, which must be exactly `{{1}}`…`{{n}}`.
+fn count_placeholders(component: &str, text: &str) -> Result<u32, String> {
+    let found: BTreeSet<u32> = placeholders(text)?.into_iter().collect();
+    let n = found.len() as u32;
+    if found.iter().copied().ne(1..=n) {
+        return Err(format!(
+            "{component} placeholders must be numbered {{{{1}}}} to {{{{{n}}}}} without gaps, got {found:?}"
+        ));
+    }
+    Ok(n)
+}
+
+fn text_of<'a>(component: &'a Value, field: &str, what: &str) -> Result<&'a str, String> {
+    component[field]
+        .as_str()
+        .ok_or_else(|| format!("{what} needs a string {field:?}"))
+}
+
+/// Derives a template's variables from its components (Meta's template shape:
+/// `[{"type":"HEADER","format":"TEXT","text":..}, {"type":"BODY","text":..}, {"type":"FOOTER"..},
+/// {"type":"BUTTONS","buttons":[{"type":"URL","url":"https://…/{{1}}"}, …]}]`). Types are
+/// case-insensitive; media headers are not supported yet.
+pub fn template_params(components: &Value) -> Result<TemplateParams, String> {
+    let list = components
+        .as_array()
+        .ok_or("components must be a list of objects")?;
+    let mut params = TemplateParams::default();
+    let mut seen = HashSet::new();
+    let mut has_body = false;
+    for (i, component) in list.iter().enumerate() {
+        let kind = component["type"]
+            .as_str()
+            .ok_or_else(|| format!("components[{i}] needs a string \"type\""))?
+            .to_ascii_uppercase();
+        if !seen.insert(kind.clone()) {
+            return Err(format!("components hold more than one {kind}"));
+        }
+        let what = format!("components[{i}] ({kind})");
+        match kind.as_str() {
+            "HEADER" => {
+                let format = component["format"].as_str().unwrap_or("TEXT");
+                if !format.eq_ignore_ascii_case("TEXT") {
+                    return Err(format!(
+                        "{what}: header format {format:?} is not supported; use TEXT"
+                    ));
+                }
+                params.header = count_placeholders("header", text_of(component, "text", &what)?)?;
+                if params.header > 1 {
+                    return Err(format!("{what}: a header takes at most one placeholder"));
+                }
+            }
+            "BODY" => {
+                has_body = true;
+                params.body = count_placeholders("body", text_of(component, "text", &what)?)?;
+            }
+            "FOOTER" => {
+                if !placeholders(text_of(component, "text", &what)?)?.is_empty() {
+                    return Err(format!("{what}: a footer takes no placeholders"));
+                }
+            }
+            "BUTTONS" => {
+                let buttons = component["buttons"]
+                    .as_array()
+                    .ok_or_else(|| format!("{what} needs a list \"buttons\""))?;
+                for (index, button) in buttons.iter().enumerate() {
+                    let is_url = button["type"]
+                        .as_str()
+                        .is_some_and(|t| t.eq_ignore_ascii_case("URL"));
+                    if !is_url {
+                        continue;
+                    }
+                    let url = text_of(button, "url", &format!("{what} button {index}"))?;
+                    match placeholders(url)?.as_slice() {
+                        [] => {}
+                        [1] if url.trim_end().ends_with("}}") => {
+                            params.url_buttons.push(index as u32)
+                        }
+                        _ => {
+                            return Err(format!(
+                                "{what} button {index}: a URL takes one placeholder, {{{{1}}}}, at its end"
+                            ));
+                        }
+                    }
+                }
+            }
+            other => return Err(format!("components[{i}]: unknown component type {other:?}")),
+        }
+    }
+    if !has_body {
+        return Err("components need a BODY".into());
+    }
+    Ok(params)
+}
+
+/// A registered template.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Template {
+    pub id: Uuid,
+    pub name: String,
+    pub language: String,
+    pub components: Value,
+    pub params: TemplateParams,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Template {
+    pub fn columns(&self) -> Vec<String> {
+        self.params.columns()
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct TemplateRecord {
+    id: Uuid,
+    name: String,
+    language: String,
+    components: Value,
+    header_params: i32,
+    body_params: i32,
+    button_url_params: Vec<i32>,
+    created_at: DateTime<Utc>,
+}
+
+impl From<TemplateRecord> for Template {
+    fn from(r: TemplateRecord) -> Self {
+        Template {
+            id: r.id,
+            name: r.name,
+            language: r.language,
+            components: r.components,
+            params: TemplateParams {
+                header: r.header_params.max(0) as u32,
+                body: r.body_params.max(0) as u32,
+                url_buttons: r
+                    .button_url_params
+                    .iter()
+                    .map(|i| (*i).max(0) as u32)
+                    .collect(),
+            },
+            created_at: r.created_at,
+        }
+    }
+}
+
+fn valid_template_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 512
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn valid_language(code: &str) -> bool {
+    let mut parts = code.split('_');
+    let lang = parts.next().unwrap_or_default();
+    let region = parts.next();
+    parts.next().is_none()
+        && (2..=3).contains(&lang.len())
+        && lang.bytes().all(|b| b.is_ascii_lowercase())
+        && region.is_none_or(|r| r.len() == 2 && r.bytes().all(|b| b.is_ascii_uppercase()))
+}
+
+/// Registers a template for the tenant. The name is Meta's (lower-case letters, digits, `_`),
+/// the language a code like `en` or `en_US`; one template per (name, language).
+pub async fn create_template(
+    pool: &PgPool,
+    tenant: TenantId,
+    name: &str,
+    language: &str,
+    components: &Value,
+) -> Result<Template, Error> {
+    if !valid_template_name(name) {
+        return Err(Error::invalid(
+            "name",
+            "must be 1 to 512 lower-case letters, digits or '_'",
+        ));
+    }
+    if !valid_language(language) {
+        return Err(Error::invalid(
+            "language",
+            format!("{language:?} is not a language code such as en or en_US"),
+        ));
+    }
+    let params = template_params(components).map_err(|e| Error::invalid("components", e))?;
+    let buttons: Vec<i32> = params.url_buttons.iter().map(|i| *i as i32).collect();
+    let record: TemplateRecord = sqlx::query_as(
+        "insert into message_templates
+             (tenant_id, id, name, language, components, header_params, body_params, button_url_params)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)
+         returning id, name, language, components, header_params, body_params, button_url_params, created_at",
+    )
+    .bind(tenant.0)
+    .bind(Uuid::now_v7())
+    .bind(name)
+    .bind(language)
+    .bind(components)
+    .bind(params.header as i32)
+    .bind(params.body as i32)
+    .bind(&buttons)
+    .fetch_one(pool)
+    .await
+    .map_err(|e| {
+        if error::is_unique_violation(&e) {
+            Error::Conflict {
+                what: format!("template {name:?} in {language:?}"),
+            }
+        } else {
+            error::tenant_must_exist(e)
+        }
+    })?;
+    Ok(record.into())
+}
+
+const TEMPLATE_COLUMNS: &str = "id, name, language, components, header_params, body_params, \
+                                button_url_params, created_at";
+
+/// The tenant's template `id`; `NotFound` for another tenant's.
+pub async fn template(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<Template, Error> {
+    let record: Option<TemplateRecord> = sqlx::query_as(&format!(
+        "select {TEMPLATE_COLUMNS} from message_templates where tenant_id = $1 and id = $2"
+    ))
+    .bind(tenant.0)
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    record
+        .map(Template::from)
+        .ok_or_else(|| Error::not_found(format!("template {id}")))
+}
+
+/// A CSV holding only the header row of `template`'s columns, and one example row.
+pub fn sample_csv(template: &Template) -> String {
+    let columns = template.columns();
+    let example: Vec<String> = columns
+        .iter()
+        .map(|c| match c.as_str() {
+            "country_code" => "1".to_owned(),
+            "phone_number" => "5550100123".to_owned(),
+            other => format!("{other}_value"),
+        })
+        .collect();
+    format!("{}\n{}\n", columns.join(","), example.join(","))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+
+/// A tenant's WhatsApp Cloud API account.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+pub struct WhatsAppSettings {
+    /// `None`: the worker's `WHATSAPP_API_URL`.
+    pub api_url: Option<String>,
+    pub token: String,
+    pub phone_number_id: String,
+    pub app_secret: String,
+    pub verify_token: String,
+}
+
+impl fmt::Debug for WhatsAppSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WhatsAppSettings")
+            .field("api_url", &self.api_url)
+            .field("phone_number_id", &self.phone_number_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WhatsAppSettings {
+    /// Checks every field; the error names the first wrong one.
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Some(url) = &self.api_url {
+            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                && url.len() <= 2_000
+                && !url.chars().any(char::is_whitespace);
+            if !ok {
+                return Err(Error::invalid("api_url", "must be an http(s) URL"));
+            }
+        }
+        let fields = [
+            ("token", &self.token),
+            ("phone_number_id", &self.phone_number_id),
+            ("app_secret", &self.app_secret),
+            ("verify_token", &self.verify_token),
+        ];
+        for (name, value) in fields {
+            if value.trim().is_empty() || value.len() > 4_096 {
+                return Err(Error::invalid(name, "must be 1 to 4096 characters"));
+            }
+        }
+        if !self.phone_number_id.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Error::invalid("phone_number_id", "must be digits"));
+        }
+        Ok(())
+    }
+}
+
+/// Replaces the tenant's WhatsApp settings.
+pub async fn put_settings(
+    pool: &PgPool,
+    tenant: TenantId,
+    settings: &WhatsAppSettings,
+) -> Result<(), Error> {
+    settings.validate()?;
+    sqlx::query(
+        "insert into whatsapp_settings
+             (tenant_id, api_url, token, phone_number_id, app_secret, verify_token)
+         values ($1, $2, $3, $4, $5, $6)
+         on conflict (tenant_id) do update set
+             api_url = excluded.api_url, token = excluded.token,
+             phone_number_id = excluded.phone_number_id, app_secret = excluded.app_secret,
+             verify_token = excluded.verify_token, updated_at = now()",
+    )
+    .bind(tenant.0)
+    .bind(settings.api_url.as_deref())
+    .bind(&settings.token)
+    .bind(&settings.phone_number_id)
+    .bind(&settings.app_secret)
+    .bind(&settings.verify_token)
+    .execute(pool)
+    .await
+    .map_err(error::tenant_must_exist)?;
+    Ok(())
+}
+
+/// The tenant's WhatsApp settings, if configured.
+pub async fn settings(pool: &PgPool, tenant: TenantId) -> Result<Option<WhatsAppSettings>, Error> {
+    let row: Option<(Option<String>, String, String, String, String)> = sqlx::query_as(
+        "select api_url, token, phone_number_id, app_secret, verify_token
+         from whatsapp_settings where tenant_id = $1",
+    )
+    .bind(tenant.0)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(
+        |(api_url, token, phone_number_id, app_secret, verify_token)| WhatsAppSettings {
+            api_url,
+            token,
+            phone_number_id,
+            app_secret,
+            verify_token,
+        },
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recipients
+
+/// A WhatsApp number from a country code and a national number: digits only (spaces, dashes,
+/// dots, brackets and a leading `+` or `00` are dropped), 8 to 15 digits in all (E.164).
+pub fn normalize_phone(country_code: &str, number: &str) -> Result<String, String> {
+    let digits = |s: &str, what: &str| -> Result<String, String> {
+        let mut kept = String::new();
+        for c in s.trim().chars() {
+            match c {
+                '0'..='9' => kept.push(c),
+                ' ' | '-' | '.' | '(' | ')' => {}
+                '+' if kept.is_empty() => {}
+                _ => return Err(format!("{what} {s:?} may hold only digits")),
+            }
+        }
+        Ok(kept)
+    };
+    let cc = digits(country_code, "country_code")?;
+    let cc = cc.trim_start_matches("00");
+    if cc.is_empty() || cc.len() > 3 || cc.starts_with('0') {
+        return Err(format!(
+            "country_code {country_code:?} must be 1 to 3 digits, not starting with 0"
+        ));
+    }
+    let national = digits(number, "phone_number")?;
+    // A national number written with its trunk prefix (0…) is common; the prefix is not dialled
+    // from abroad.
+    let national = national.trim_start_matches('0');
+    let phone = format!("{cc}{national}");
+    if national.len() < 4 || !(8..=15).contains(&phone.len()) {
+        return Err(format!(
+            "phone_number {number:?} with country code {cc} is not a valid number (8 to 15 digits in all)"
+        ));
+    }
+    Ok(phone)
+}
+
+/// A recipient ready to insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRecipient {
+    /// The country code's digits; `phone` starts with them.
+    pub country_code: String,
+    pub phone: String,
+    /// The parameter values in column order (header, body, URL buttons).
+    pub params: Vec<String>,
+}
+
+/// One input row: its line (CSV line, header = 1; or the item's number in a JSON list, from 1)
+/// and the recipient, or why the row cannot be one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientRow {
+    pub line: u64,
+    pub recipient: Result<NewRecipient, String>,
+}
+
+fn check_param(column: &str, value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(format!("{column} is empty"));
+    }
+    if value.chars().count() > MAX_PARAM_LEN {
+        return Err(format!(
+            "{column} is longer than {MAX_PARAM_LEN} characters"
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "{column} contains control characters (new lines, tabs)"
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// Validates one recipient given as column → value (every template column present).
+fn recipient_from(
+    columns: &[String],
+    value_of: impl Fn(&str) -> Option<String>,
+) -> Result<NewRecipient, String> {
+    let cc = value_of("country_code").unwrap_or_default();
+    let number = value_of("phone_number").unwrap_or_default();
+    if number.trim().is_empty() {
+        return Err("phone_number is empty".into());
+    }
+    let phone = normalize_phone(&cc, &number)?;
+    let country_code = cc
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect::<String>()
+        .trim_start_matches("00")
+        .to_owned();
+    let params = columns[2..]
+        .iter()
+        .map(|column| check_param(column, &value_of(column).unwrap_or_default()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(NewRecipient {
+        country_code,
+        phone,
+        params,
+    })
+}
+
+fn not_csv(reason: impl Into<String>) -> Error {
+    Error::invalid("file", reason)
+}
+
+/// Parses a recipients CSV against `template`: the header must name exactly the template's
+/// columns (any order, any case), else the whole file is refused (`Invalid` for `file`); each
+/// row then becomes a recipient or a reason.
+pub fn parse_recipients_csv(bytes: &[u8], template: &Template) -> Result<Vec<RecipientRow>, Error> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(not_csv("the file is empty"));
+    }
+    if bytes.contains(&0) {
+        return Err(not_csv("the file holds binary data, not CSV text"));
+    }
+    let columns = template.columns();
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(false)
+        .from_reader(bytes);
+    let headers = reader
+        .byte_headers()
+        .map_err(|e| not_csv(format!("the header row cannot be read: {e}")))?
+        .clone();
+    let mut index: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, name) in headers.iter().enumerate() {
+        let name = std::str::from_utf8(name)
+            .map_err(|_| not_csv("the header row is not UTF-8 text"))?
+            .trim()
+            .to_ascii_lowercase();
+        if index.insert(name.clone(), i).is_some() {
+            return Err(not_csv(format!("the header names column {name:?} twice")));
+        }
+    }
+    let missing: Vec<&str> = columns
+        .iter()
+        .filter(|c| !index.contains_key(*c))
+        .map(String::as_str)
+        .collect();
+    let unknown: Vec<&str> = index
+        .keys()
+        .filter(|c| !columns.contains(c))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() || !unknown.is_empty() {
+        return Err(Error::invalid(
+            "columns",
+            format!(
+                "the header must name exactly the template's columns ({}); missing: [{}], unknown: [{}]",
+                columns.join(","),
+                missing.join(","),
+                unknown.join(",")
+            ),
+        ));
+    }
+    let mut rows = Vec::new();
+    let mut record = csv::ByteRecord::new();
+    loop {
+        if rows.len() >= MAX_RECIPIENTS {
+            return Err(not_csv(format!(
+                "the file holds more than {MAX_RECIPIENTS} rows"
+            )));
+        }
+        match reader.read_byte_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {
+                let line = record.position().map_or(0, |p| p.line());
+                if record.iter().all(|field| field.trim_ascii().is_empty()) {
+                    continue;
+                }
+                let utf8 = record
+                    .iter()
+                    .all(|field| std::str::from_utf8(field).is_ok());
+                let recipient = if utf8 {
+                    recipient_from(&columns, |column| {
+                        let i = index.get(column)?;
+                        let field = record.get(*i)?;
+                        std::str::from_utf8(field).ok().map(str::to_owned)
+                    })
+                } else {
+                    Err("the row is not UTF-8 text".to_owned())
+                };
+                rows.push(RecipientRow { line, recipient });
+            }
+            Err(err) => {
+                let line = err.position().map_or(0, |p| p.line());
+                let reason = match err.kind() {
+                    csv::ErrorKind::UnequalLengths {
+                        expected_len, len, ..
+                    } => format!("expected {expected_len} fields as in the header, found {len}"),
+                    _ => format!("unreadable row: {err}"),
+                };
+                rows.push(RecipientRow {
+                    line,
+                    recipient: Err(reason),
+                });
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Validates JSON recipients (objects keyed by the template's columns; numbers are taken as
+/// text) against `template`, numbering them from 1. An unknown key rejects its row.
+pub fn parse_recipients_json(items: &[Value], template: &Template) -> Vec<RecipientRow> {
+    let columns = template.columns();
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let recipient = match item {
+                Value::Object(map) => match map.keys().find(|k| !columns.contains(k)) {
+                    Some(unknown) => Err(format!(
+                        "unknown field {unknown:?}; the template's columns are {}",
+                        columns.join(",")
+                    )),
+                    None => recipient_from(&columns, |column| match map.get(column)? {
+                        Value::String(s) => Some(s.clone()),
+                        Value::Number(n) => Some(n.to_string()),
+                        _ => None,
+                    }),
+                },
+                _ => Err("each recipient must be an object".to_owned()),
+            };
+            RecipientRow {
+                line: i as u64 + 1,
+                recipient,
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Campaigns
+
+/// Where a campaign stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CampaignStatus {
+    Draft,
+    Sending,
+    Paused,
+    Stopped,
+    Completed,
+}
+
+impl CampaignStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CampaignStatus::Draft => "draft",
+            CampaignStatus::Sending => "sending",
+            CampaignStatus::Paused => "paused",
+            CampaignStatus::Stopped => "stopped",
+            CampaignStatus::Completed => "completed",
+        }
+    }
+}
+
+impl FromStr for CampaignStatus {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "draft" => CampaignStatus::Draft,
+            "sending" => CampaignStatus::Sending,
+            "paused" => CampaignStatus::Paused,
+            "stopped" => CampaignStatus::Stopped,
+            "completed" => CampaignStatus::Completed,
+            other => {
+                return Err(Error::Corrupt {
+                    what: "message campaign",
+                    reason: format!("status {other:?}"),
+                });
+            }
+        })
+    }
+}
+
+/// A message campaign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Campaign {
+    pub id: Uuid,
+    pub name: String,
+    pub template_id: Uuid,
+    pub status: CampaignStatus,
+    pub rate_per_sec: Option<u32>,
+    pub concurrency: Option<u32>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct CampaignRecord {
+    id: Uuid,
+    name: String,
+    template_id: Uuid,
+    status: String,
+    rate_per_sec: Option<i32>,
+    concurrency: Option<i32>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<CampaignRecord> for Campaign {
+    type Error = Error;
+    fn try_from(r: CampaignRecord) -> Result<Self, Error> {
+        Ok(Campaign {
+            id: r.id,
+            name: r.name,
+            template_id: r.template_id,
+            status: r.status.parse()?,
+            rate_per_sec: r.rate_per_sec.map(|n| n.max(1) as u32),
+            concurrency: r.concurrency.map(|n| n.max(1) as u32),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            started_at: r.started_at,
+            completed_at: r.completed_at,
+        })
+    }
+}
+
+const CAMPAIGN_COLUMNS: &str = "id, name, template_id, status, rate_per_sec, concurrency, \
+                                created_at, updated_at, started_at, completed_at";
+
+/// A rejected input row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RejectedRow {
+    pub line: u64,
+    pub reason: String,
+}
+
+/// A row whose phone number is already in the campaign (earlier in the same upload).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DuplicateRow {
+    pub line: u64,
+    pub phone: String,
+}
+
+/// What a recipients upload did, row by row.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RecipientsReport {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub duplicate_rows: Vec<DuplicateRow>,
+    pub rejected_rows: Vec<RejectedRow>,
+}
+
+/// Creates a draft campaign of `template` with the good rows of `rows` as recipients, in one
+/// transaction; bad and duplicate rows are reported, never blocking the good ones.
+pub async fn create_campaign(
+    pool: &PgPool,
+    tenant: TenantId,
+    name: &str,
+    template: &Template,
+    rows: Vec<RecipientRow>,
+) -> Result<(Campaign, RecipientsReport), Error> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(Error::invalid("name", "must be 1 to 200 characters"));
+    }
+    if rows.len() > MAX_RECIPIENTS {
+        return Err(Error::invalid(
+            "recipients",
+            format!("at most {MAX_RECIPIENTS} recipients per campaign"),
+        ));
+    }
+    let mut report = RecipientsReport::default();
+    let mut seen = HashSet::new();
+    let mut fresh: Vec<(u64, NewRecipient)> = Vec::new();
+    for row in rows {
+        match row.recipient {
+            Err(reason) => report.rejected_rows.push(RejectedRow {
+                line: row.line,
+                reason,
+            }),
+            Ok(recipient) if !seen.insert(recipient.phone.clone()) => {
+                report.duplicate_rows.push(DuplicateRow {
+                    line: row.line,
+                    phone: recipient.phone,
+                })
+            }
+            Ok(recipient) => fresh.push((row.line, recipient)),
+        }
+    }
+    let mut tx = pool.begin().await?;
+    let record: CampaignRecord = sqlx::query_as(&format!(
+        "insert into message_campaigns (tenant_id, id, name, template_id)
+         values ($1, $2, $3, $4) returning {CAMPAIGN_COLUMNS}"
+    ))
+    .bind(tenant.0)
+    .bind(Uuid::now_v7())
+    .bind(name)
+    .bind(template.id)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| {
+        if error::is_foreign_key_violation(&e) {
+            Error::not_found(format!("template {}", template.id))
+        } else {
+            Error::Database(e)
+        }
+    })?;
+    let campaign = Campaign::try_from(record)?;
+    for chunk in fresh.chunks(5_000) {
+        let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::now_v7()).collect();
+        let lines: Vec<i32> = chunk
+            .iter()
+            .map(|(line, _)| i32::try_from(*line).unwrap_or(i32::MAX))
+            .collect();
+        let codes: Vec<&str> = chunk.iter().map(|(_, r)| r.country_code.as_str()).collect();
+        let phones: Vec<&str> = chunk.iter().map(|(_, r)| r.phone.as_str()).collect();
+        let params: Vec<Value> = chunk.iter().map(|(_, r)| json!(r.params)).collect();
+        let inserted = sqlx::query(
+            "insert into message_recipients
+                 (tenant_id, campaign_id, id, line, country_code, phone, params)
+             select $1, $2, * from unnest($3::uuid[], $4::int[], $5::text[], $6::text[], $7::jsonb[])",
+        )
+        .bind(tenant.0)
+        .bind(campaign.id)
+        .bind(&ids)
+        .bind(&lines)
+        .bind(&codes)
+        .bind(&phones)
+        .bind(&params)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        report.accepted += inserted;
+    }
+    tx.commit().await?;
+    report.duplicates = report.duplicate_rows.len() as u64;
+    report.rejected = report.rejected_rows.len() as u64;
+    Ok((campaign, report))
+}
+
+/// The tenant's campaign `id`; `lock` takes a row lock for the rest of the transaction.
+pub async fn campaign(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    lock: bool,
+) -> Result<Campaign, Error> {
+    let record: Option<CampaignRecord> = sqlx::query_as(&format!(
+        "select {CAMPAIGN_COLUMNS} from message_campaigns where tenant_id = $1 and id = $2 {}",
+        if lock { "for update" } else { "" }
+    ))
+    .bind(tenant.0)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    record
+        .map(Campaign::try_from)
+        .transpose()?
+        .ok_or_else(|| Error::not_found(format!("message campaign {id}")))
+}
+
+fn conflict(campaign: &Campaign, action: &str) -> Error {
+    Error::Conflict {
+        what: format!(
+            "message campaign {} is {}; it cannot {action}",
+            campaign.id,
+            campaign.status.as_str()
+        ),
+    }
+}
+
+async fn set_status(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    status: CampaignStatus,
+) -> Result<(), Error> {
+    sqlx::query(
+        "update message_campaigns set status = $3, updated_at = now(),
+             completed_at = case when $3 = 'completed' then now() else null end
+         where tenant_id = $1 and id = $2",
+    )
+    .bind(tenant.0)
+    .bind(id)
+    .bind(status.as_str())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The ids of the campaign's recipients without a send yet.
+pub async fn pending_recipients(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    campaign: Uuid,
+) -> Result<Vec<Uuid>, Error> {
+    Ok(sqlx::query_scalar(
+        "select id from message_recipients
+         where tenant_id = $1 and campaign_id = $2 and send_id is null order by id",
+    )
+    .bind(tenant.0)
+    .bind(campaign)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Draft → sending at `rate_per_sec` with `concurrency` sends in flight at most; returns the
+/// recipients to send to. Inside the caller's transaction (which writes their jobs).
+pub async fn start_sending(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    rate_per_sec: u32,
+    concurrency: u32,
+) -> Result<(Campaign, Vec<Uuid>), Error> {
+    if !RATE_RANGE.contains(&rate_per_sec) {
+        return Err(Error::invalid("rate_per_sec", "must be 1 to 1000"));
+    }
+    if !CONCURRENCY_RANGE.contains(&concurrency) {
+        return Err(Error::invalid("concurrency", "must be 1 to 100"));
+    }
+    let current = campaign(conn, tenant, id, true).await?;
+    if current.status != CampaignStatus::Draft {
+        return Err(conflict(&current, "start sending (only a draft can)"));
+    }
+    sqlx::query(
+        "update message_campaigns set status = 'sending', rate_per_sec = $3, concurrency = $4,
+             started_at = now(), updated_at = now()
+         where tenant_id = $1 and id = $2",
+    )
+    .bind(tenant.0)
+    .bind(id)
+    .bind(rate_per_sec as i32)
+    .bind(concurrency as i32)
+    .execute(&mut *conn)
+    .await?;
+    let recipients = pending_recipients(conn, tenant, id).await?;
+    Ok((campaign(conn, tenant, id, false).await?, recipients))
+}
+
+/// Sending → paused: send steps that have not begun leave their recipients pending.
+pub async fn pause(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> Result<Campaign, Error> {
+    let current = campaign(conn, tenant, id, true).await?;
+    match current.status {
+        CampaignStatus::Paused => return Ok(current),
+        CampaignStatus::Sending => set_status(conn, tenant, id, CampaignStatus::Paused).await?,
+        _ => return Err(conflict(&current, "pause (only a sending one can)")),
+    }
+    campaign(conn, tenant, id, false).await
+}
+
+/// Paused → sending; returns the pending recipients, whose send steps the caller writes again.
+pub async fn resume(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<(Campaign, Vec<Uuid>), Error> {
+    let current = campaign(conn, tenant, id, true).await?;
+    if current.status != CampaignStatus::Paused {
+        return Err(conflict(&current, "resume (only a paused one can)"));
+    }
+    set_status(conn, tenant, id, CampaignStatus::Sending).await?;
+    let pending = pending_recipients(conn, tenant, id).await?;
+    Ok((campaign(conn, tenant, id, false).await?, pending))
+}
+
+/// Any state but completed → stopped, for good: pending recipients are never sent.
+pub async fn stop(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> Result<Campaign, Error> {
+    let current = campaign(conn, tenant, id, true).await?;
+    match current.status {
+        CampaignStatus::Stopped => return Ok(current),
+        CampaignStatus::Completed => return Err(conflict(&current, "stop")),
+        _ => set_status(conn, tenant, id, CampaignStatus::Stopped).await?,
+    }
+    campaign(conn, tenant, id, false).await
+}
+
+/// Puts the campaign's failed recipients back to pending (their failed sends stay on record,
+/// detached) and a completed campaign back to sending; returns the recipients whose send steps
+/// the caller writes (none while paused: resuming writes them).
+pub async fn retry_failed(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<(Campaign, Vec<Uuid>), Error> {
+    let current = campaign(conn, tenant, id, true).await?;
+    if matches!(
+        current.status,
+        CampaignStatus::Draft | CampaignStatus::Stopped
+    ) {
+        return Err(conflict(&current, "retry failed recipients"));
+    }
+    let retried: Vec<Uuid> = sqlx::query_scalar(
+        "update message_recipients r set send_id = null
+         from sends s
+         where r.tenant_id = $1 and r.campaign_id = $2
+           and s.tenant_id = r.tenant_id and s.id = r.send_id and s.status = 'failed'
+         returning r.id",
+    )
+    .bind(tenant.0)
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    if current.status == CampaignStatus::Completed && !retried.is_empty() {
+        set_status(conn, tenant, id, CampaignStatus::Sending).await?;
+    }
+    let campaign = campaign(conn, tenant, id, false).await?;
+    let to_send = if campaign.status == CampaignStatus::Sending {
+        retried
+    } else {
+        Vec::new()
+    };
+    Ok((campaign, to_send))
+}
+
+/// Live counts of a campaign's recipients by status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub total: i64,
+    pub pending: i64,
+    pub attempting: i64,
+    pub sent: i64,
+    pub delivered: i64,
+    pub read: i64,
+    pub failed: i64,
+    pub unknown: i64,
+}
+
+/// The campaign's counts; `NotFound` for another tenant's campaign.
+pub async fn stats(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<Stats, Error> {
+    let mut conn = pool.acquire().await?;
+    campaign(&mut conn, tenant, id, false).await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "select coalesce(s.status, 'pending'), count(*)
+         from message_recipients r
+         left join sends s on s.tenant_id = r.tenant_id and s.id = r.send_id
+         where r.tenant_id = $1 and r.campaign_id = $2
+         group by 1",
+    )
+    .bind(tenant.0)
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut stats = Stats::default();
+    for (status, n) in rows {
+        stats.total += n;
+        match status.as_str() {
+            "pending" => stats.pending += n,
+            "attempting" => stats.attempting += n,
+            "sent" => stats.sent += n,
+            "delivered" => stats.delivered += n,
+            "read" => stats.read += n,
+            "failed" => stats.failed += n,
+            "unknown" => stats.unknown += n,
+            _ => {}
+        }
+    }
+    Ok(stats)
+}
+
+/// A recipient as the failed-recipients export shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedRecipient {
+    pub line: i32,
+    pub country_code: String,
+    /// The whole number, country code first.
+    pub phone: String,
+    pub params: Vec<String>,
+    pub error_code: Option<String>,
+    pub error: Option<String>,
+}
+
+/// The campaign's failed recipients in upload order (`NotFound` for another tenant's).
+pub async fn failed_recipients(
+    pool: &PgPool,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<Vec<FailedRecipient>, Error> {
+    let mut conn = pool.acquire().await?;
+    campaign(&mut conn, tenant, id, false).await?;
+    #[allow(clippy::type_complexity)]
+    let rows: Vec<(i32, String, String, Value, Option<String>, Option<String>)> = sqlx::query_as(
+        "select r.line, r.country_code, r.phone, r.params, s.error_code, s.error
+         from message_recipients r
+         join sends s on s.tenant_id = r.tenant_id and s.id = r.send_id
+         where r.tenant_id = $1 and r.campaign_id = $2 and s.status = 'failed'
+         order by r.line, r.id",
+    )
+    .bind(tenant.0)
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.into_iter()
+        .map(|(line, country_code, phone, params, error_code, error)| {
+            let params = serde_json::from_value(params).map_err(|e| Error::Corrupt {
+                what: "message recipient",
+                reason: format!("params: {e}"),
+            })?;
+            Ok(FailedRecipient {
+                line,
+                country_code,
+                phone,
+                params,
+                error_code,
+                error,
+            })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The send step's bookkeeping
+
+/// Everything a send step needs about one recipient, read in one query.
+#[derive(Debug, Clone)]
+pub struct SendContext {
+    pub campaign_id: Uuid,
+    pub campaign_status: CampaignStatus,
+    pub rate_per_sec: u32,
+    pub concurrency: u32,
+    pub recipient_id: Uuid,
+    pub phone: String,
+    pub params: Vec<String>,
+    pub template: Template,
+    /// The recipient's current send, if one was begun.
+    pub send: Option<sends::Send>,
+    /// `None` when the tenant has not configured WhatsApp.
+    pub settings: Option<WhatsAppSettings>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ContextRecord {
+    campaign_status: String,
+    rate_per_sec: Option<i32>,
+    concurrency: Option<i32>,
+    phone: String,
+    params: Value,
+    send_id: Option<Uuid>,
+    template_id: Uuid,
+}
+
+/// The send step's view of a recipient of the tenant's campaign.
+pub async fn send_context(
+    pool: &PgPool,
+    tenant: TenantId,
+    campaign_id: Uuid,
+    recipient_id: Uuid,
+) -> Result<SendContext, Error> {
+    let record: ContextRecord = sqlx::query_as(
+        "select c.status as campaign_status, c.rate_per_sec, c.concurrency, r.phone, r.params,
+                r.send_id, c.template_id
+         from message_recipients r
+         join message_campaigns c on c.tenant_id = r.tenant_id and c.id = r.campaign_id
+         where r.tenant_id = $1 and r.campaign_id = $2 and r.id = $3",
+    )
+    .bind(tenant.0)
+    .bind(campaign_id)
+    .bind(recipient_id)
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| Error::not_found(format!("recipient {recipient_id}")))?;
+    let template = template(pool, tenant, record.template_id).await?;
+    let send = match record.send_id {
+        Some(id) => sends::get(pool, tenant, id).await?,
+        None => None,
+    };
+    let params: Vec<String> =
+        serde_json::from_value(record.params).map_err(|e| Error::Corrupt {
+            what: "message recipient",
+            reason: format!("params: {e}"),
+        })?;
+    Ok(SendContext {
+        campaign_id,
+        campaign_status: record.campaign_status.parse()?,
+        rate_per_sec: record.rate_per_sec.unwrap_or(1).max(1) as u32,
+        concurrency: record.concurrency.unwrap_or(1).max(1) as u32,
+        recipient_id,
+        phone: record.phone,
+        params,
+        template,
+        send,
+        settings: settings(pool, tenant).await?,
+    })
+}
+
+/// What beginning a send did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Begin {
+    /// The send is recorded as attempting: call the provider with this send id.
+    Started(Uuid),
+    /// The campaign already has `concurrency` sends in flight.
+    Busy,
+    /// The recipient already has a send (another job began it).
+    Taken,
+    /// The campaign is not sending (paused, stopped).
+    NotSending(CampaignStatus),
+}
+
+/// Records a send for the recipient as `attempting` by `job_id`, unless the campaign is not
+/// sending, already has `concurrency` sends in flight (sends older than `stale` do not count:
+/// their job died), or the recipient already has a send. Checks and writes are serialised per
+/// campaign by a transaction-scoped advisory lock.
+pub async fn begin_send(
+    pool: &PgPool,
+    tenant: TenantId,
+    campaign_id: Uuid,
+    recipient_id: Uuid,
+    job_id: &str,
+    stale: Duration,
+) -> Result<Begin, Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("message-campaign:{tenant}:{campaign_id}"))
+        .execute(&mut *tx)
+        .await?;
+    let current = campaign(&mut tx, tenant, campaign_id, false).await?;
+    if !matches!(
+        current.status,
+        CampaignStatus::Sending | CampaignStatus::Completed
+    ) {
+        return Ok(Begin::NotSending(current.status));
+    }
+    let concurrency = i64::from(current.concurrency.unwrap_or(1));
+    let in_flight: i64 = sqlx::query_scalar(
+        "select count(*) from sends s
+         join message_recipients r on r.tenant_id = s.tenant_id and r.send_id = s.id
+         where s.tenant_id = $1 and s.status = 'attempting' and r.campaign_id = $2
+           and s.created_at > now() - make_interval(secs => $3)",
+    )
+    .bind(tenant.0)
+    .bind(campaign_id)
+    .bind(stale.as_secs_f64())
+    .fetch_one(&mut *tx)
+    .await?;
+    if in_flight >= concurrency {
+        return Ok(Begin::Busy);
+    }
+    let send_id = sends::begin(&mut tx, tenant, CHANNEL, job_id).await?;
+    let claimed = sqlx::query(
+        "update message_recipients set send_id = $4
+         where tenant_id = $1 and campaign_id = $2 and id = $3 and send_id is null",
+    )
+    .bind(tenant.0)
+    .bind(campaign_id)
+    .bind(recipient_id)
+    .bind(send_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if claimed == 0 {
+        return Ok(Begin::Taken);
+    }
+    tx.commit().await?;
+    Ok(Begin::Started(send_id))
+}
+
+/// Undoes a send the provider certainly did not act on: the send is deleted and the recipient
+/// is pending again. Nothing happens if the send has moved on (a webhook settled it).
+pub async fn abandon_send(
+    pool: &PgPool,
+    tenant: TenantId,
+    recipient_id: Uuid,
+    send_id: Uuid,
+) -> Result<bool, Error> {
+    let mut tx = pool.begin().await?;
+    if !sends::abandon(&mut tx, tenant, send_id).await? {
+        return Ok(false);
+    }
+    sqlx::query(
+        "update message_recipients set send_id = null
+         where tenant_id = $1 and id = $2 and send_id = $3",
+    )
+    .bind(tenant.0)
+    .bind(recipient_id)
+    .bind(send_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Sending → completed once no recipient is pending or attempting. Returns whether this call
+/// completed it.
+pub async fn complete_if_done(
+    pool: &PgPool,
+    tenant: TenantId,
+    campaign_id: Uuid,
+) -> Result<bool, Error> {
+    let done = sqlx::query(
+        "update message_campaigns c set status = 'completed', completed_at = now(), updated_at = now()
+         where c.tenant_id = $1 and c.id = $2 and c.status = 'sending'
+           and not exists (select 1 from message_recipients r
+                           where r.tenant_id = $1 and r.campaign_id = $2 and r.send_id is null)
+           and not exists (select 1 from sends s
+                           join message_recipients r on r.tenant_id = s.tenant_id and r.send_id = s.id
+                           where s.tenant_id = $1 and s.status = 'attempting' and r.campaign_id = $2)",
+    )
+    .bind(tenant.0)
+    .bind(campaign_id)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(done == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_columns_follow_the_placeholders() {
+        let components = json!([
+            {"type": "HEADER", "format": "TEXT", "text": "Hi {{1}}"},
+            {"type": "body", "text": "Your order {{1}} ships {{2}}; {{1}} again"},
+            {"type": "FOOTER", "text": "bye"},
+            {"type": "BUTTONS", "buttons": [
+                {"type": "QUICK_REPLY", "text": "Stop"},
+                {"type": "URL", "text": "Track", "url": "https://t.example/{{1}}"}
+            ]}
+        ]);
+        let params = template_params(&components).unwrap();
+        assert_eq!(params.header, 1);
+        assert_eq!(params.body, 2);
+        assert_eq!(params.url_buttons, vec![1]);
+        assert_eq!(
+            params.columns().join(","),
+            "country_code,phone_number,header_param_1,body_param_1,body_param_2,button_url_param"
+        );
+    }
+
+    #[test]
+    fn bad_templates_are_refused_with_a_reason() {
+        for (components, needle) in [
+            (
+                json!([{"type": "BODY", "text": "{{1}} {{3}}"}]),
+                "without gaps",
+            ),
+            (json!([{"type": "BODY", "text": "{{x}}"}]), "number"),
+            (json!([{"type": "BODY", "text": "{{1"}]), "unclosed"),
+            (json!([{"type": "HEADER", "text": "x"}]), "BODY"),
+            (
+                json!([{"type": "HEADER", "format": "IMAGE"}, {"type": "BODY", "text": "x"}]),
+                "IMAGE",
+            ),
+            (
+                json!([{"type": "BODY", "text": "x"}, {"type": "BUTTONS", "buttons": [{"type": "URL", "url": "https://a/{{1}}/b"}]}]),
+                "at its end",
+            ),
+            (json!({"type": "BODY"}), "list"),
+        ] {
+            let err = template_params(&components).unwrap_err();
+            assert!(err.contains(needle), "{components}: {err}");
+        }
+    }
+
+    #[test]
+    fn phone_numbers_are_normalised_to_e164_digits() {
+        assert_eq!(
+            normalize_phone("+44", "07700 900123").unwrap(),
+            "447700900123"
+        );
+        assert_eq!(
+            normalize_phone("1", "(555) 010-0123").unwrap(),
+            "15550100123"
+        );
+        assert_eq!(
+            normalize_phone("0049", "30 1234567").unwrap(),
+            "49301234567"
+        );
+        assert!(normalize_phone("", "5550100").is_err());
+        assert!(normalize_phone("1", "12").is_err());
+        assert!(normalize_phone("1", "555abc0123").is_err());
+        assert!(normalize_phone("1234", "5550100123").is_err());
+        assert!(normalize_phone("1", "5".repeat(16).as_str()).is_err());
+    }
+
+    #[test]
+    fn language_codes_and_names_are_checked() {
+        assert!(valid_language("en"));
+        assert!(valid_language("en_US"));
+        assert!(!valid_language("EN"));
+        assert!(!valid_language("en-us"));
+        assert!(valid_template_name("order_update_2"));
+        assert!(!valid_template_name("Order Update"));
+    }
+}
