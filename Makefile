@@ -42,8 +42,15 @@ test-scale: up ## The 1,000,000-due-jobs backlog drain (minutes; not part of mak
 	$(CARGO) build --release --workspace --bins --locked
 	HERALD_BACKLOG_JOBS=1000000 $(CARGO) test --release --locked -p herald-tests --test backlog -- --nocapture
 
-.PHONY: bench bench-queue
-bench: bench-queue ## Every benchmark (ratios against a peer measured in the same run).
+.PHONY: bench bench-queue bench-assign bench-calls
+bench: bench-queue bench-assign bench-calls ## Every benchmark (ratios against a peer measured in the same run).
 
 bench-queue: up ## herald vs BullMQ: bulk enqueue, processing at c=1 and c=50, idle pickup latency.
 	@scripts/bench-queue.sh
+
+bench-assign: up ## Daily assignment: select + distribute 14,400 of 1,000,000 profiles; sync of 1,440 records at 5 req/s vs its floor.
+	$(CARGO) build --release --locked -p herald-bench -p herald-worker --bin herald-bench-assign --bin herald-worker
+	$${CARGO_TARGET_DIR:-target}/release/herald-bench-assign $(BENCH_ASSIGN_ARGS)
+
+bench-calls: up ## Call campaigns: slot reuse latency (webhook to next call at the Vapi fake) and limit checks, real engine.
+	$(CARGO) run --release --locked -p herald-bench --bin herald-bench-calls -- $(BENCH_CALLS_ARGS)

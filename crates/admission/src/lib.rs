@@ -11,6 +11,11 @@
 //! request is admitted against all of them or none: a request the token's limit refuses does
 //! not use the base's slot. Keys live under one hash tag (the queue whose jobs are admitted), so
 //! the script touches one cluster slot.
+//!
+//! A caller that comes back when told (a deferred job) should use
+//! [`RateLimiter::admit_reserving`]: a refusal then reserves the request's slot under a name the
+//! caller gives again when it comes back, so the slot is its own and its lateness never pushes
+//! the slots after it back (docs/decisions/0007-limiter-reservations.md).
 
 mod connection;
 pub mod slots;
@@ -119,6 +124,7 @@ impl Limit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitKey {
     redis_key: String,
+    hold_key: String,
     limit: Limit,
 }
 
@@ -138,7 +144,9 @@ impl LimitKey {
 pub enum Admission {
     /// Go ahead: the request's slot in every limit is taken.
     Admitted,
-    /// Not yet: every limit admits again at this instant (Unix milliseconds). Nothing was taken.
+    /// Not yet: every limit admits again at this instant (Unix milliseconds). After
+    /// [`RateLimiter::admit`] nothing was taken; after [`RateLimiter::admit_reserving`] the
+    /// slot at that instant is reserved for the caller.
     WaitUntil(u64),
 }
 
@@ -146,12 +154,14 @@ pub enum Admission {
 #[derive(Clone)]
 pub struct RateLimiter {
     conn: Connection,
+    /// `<namespace>:v1:{<hash_tag>}:`
     prefix: String,
     scripts: Arc<Scripts>,
 }
 
 struct Scripts {
     admit: redis::Script,
+    reserve: redis::Script,
     hold: redis::Script,
 }
 
@@ -172,7 +182,8 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl RateLimiter {
-    /// A limiter whose keys are `<namespace>:v1:{<hash_tag>}:rl:<name>`. Use the queue's
+    /// A limiter whose keys are `<namespace>:v1:{<hash_tag>}:rl:<name>` (holds under `rlhold:`,
+    /// reservations under `rlres:`). Use the queue's
     /// namespace and, as `hash_tag`, the name of the queue whose jobs are admitted, so limiter
     /// and queue share a cluster slot.
     pub fn new(conn: Connection, namespace: &str, hash_tag: &str) -> Result<Self, Error> {
@@ -184,9 +195,10 @@ impl RateLimiter {
         }
         Ok(Self {
             conn,
-            prefix: format!("{namespace}:{LAYOUT_VERSION}:{{{hash_tag}}}:rl:"),
+            prefix: format!("{namespace}:{LAYOUT_VERSION}:{{{hash_tag}}}:"),
             scripts: Arc::new(Scripts {
                 admit: redis::Script::new(include_str!("../lua/admit.lua")),
+                reserve: redis::Script::new(include_str!("../lua/reserve.lua")),
                 hold: redis::Script::new(include_str!("../lua/hold.lua")),
             }),
         })
@@ -198,7 +210,8 @@ impl RateLimiter {
             return Err(Error::InvalidKeyName(name.to_owned()));
         }
         Ok(LimitKey {
-            redis_key: format!("{}{name}", self.prefix),
+            redis_key: format!("{}rl:{name}", self.prefix),
+            hold_key: format!("{}rlhold:{name}", self.prefix),
             limit,
         })
     }
@@ -213,6 +226,93 @@ impl RateLimiter {
     /// tests; the instants given to one key must not go backwards by more than its interval.
     pub async fn admit_at(&self, keys: &[LimitKey], now_ms: u64) -> Result<Admission, Error> {
         self.run_admit(keys, Some(now_ms)).await
+    }
+
+    /// Admits one request against every key at once, or reserves its slot: the answer
+    /// [`Admission::WaitUntil`] means the slot at that instant now belongs to `reservation_id`
+    /// (every limit already counts it). When the caller comes back with the same
+    /// `reservation_id` at or after that instant, and at most `grace` after it, it is admitted
+    /// on its reservation without paying again, so a caller that wakes a few milliseconds late
+    /// does not push every later slot back. Coming back earlier gets the same instant again.
+    ///
+    /// A reservation is used once. It is forfeited, and the caller reserves again behind
+    /// everyone already waiting, when a [`hold`](Self::hold) covers its slot or the caller comes
+    /// back more than `grace` late (admitting it then could put two requests closer than the
+    /// provider tolerates). A forfeited or abandoned slot stays unused; an abandoned
+    /// reservation expires about a second after its grace.
+    ///
+    /// `reservation_id` names the request (a job, a batch); 1 to 200 characters without braces
+    /// or spaces. It is scoped to this limiter and should always be used with the same keys.
+    /// Two callers sharing one id never share a slot (a reservation admits once), they only
+    /// lose the head start.
+    pub async fn admit_reserving(
+        &self,
+        keys: &[LimitKey],
+        reservation_id: &str,
+        grace: Duration,
+    ) -> Result<Admission, Error> {
+        self.run_reserve(keys, reservation_id, grace, None).await
+    }
+
+    /// [`admit_reserving`](Self::admit_reserving) at an explicit instant (Unix milliseconds),
+    /// as [`admit_at`](Self::admit_at).
+    pub async fn admit_reserving_at(
+        &self,
+        keys: &[LimitKey],
+        reservation_id: &str,
+        grace: Duration,
+        now_ms: u64,
+    ) -> Result<Admission, Error> {
+        self.run_reserve(keys, reservation_id, grace, Some(now_ms))
+            .await
+    }
+
+    /// The slot (Unix milliseconds) reserved under `reservation_id`, if a reservation is
+    /// still kept.
+    pub async fn reserved_slot(&self, reservation_id: &str) -> Result<Option<u64>, Error> {
+        let key = self.reservation_key(reservation_id)?;
+        let mut conn = self.conn.clone();
+        let slot: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+        slot.map(|at| parse_instant_ms(&at)).transpose()
+    }
+
+    fn reservation_key(&self, reservation_id: &str) -> Result<String, Error> {
+        if !valid_name(reservation_id) {
+            return Err(Error::InvalidKeyName(reservation_id.to_owned()));
+        }
+        Ok(format!("{}rlres:{reservation_id}", self.prefix))
+    }
+
+    async fn run_reserve(
+        &self,
+        keys: &[LimitKey],
+        reservation_id: &str,
+        grace: Duration,
+        now_ms: Option<u64>,
+    ) -> Result<Admission, Error> {
+        if keys.is_empty() || keys.len() > MAX_KEYS_PER_ADMIT {
+            return Err(Error::KeyCount(keys.len()));
+        }
+        let reservation_key = self.reservation_key(reservation_id)?;
+        let mut invocation = self.scripts.reserve.prepare_invoke();
+        for key in keys {
+            invocation.key(&key.redis_key);
+        }
+        for key in keys {
+            invocation.key(&key.hold_key);
+        }
+        invocation.key(&reservation_key);
+        invocation
+            .arg(now_arg(now_ms))
+            .arg(u64::try_from(grace.as_micros()).unwrap_or(u64::MAX));
+        for key in keys {
+            invocation
+                .arg(key.limit.interval_us)
+                .arg(key.limit.tolerance_us());
+        }
+        let mut conn = self.conn.clone();
+        let answer: (i64, String) = invocation.invoke_async(&mut conn).await?;
+        admission(answer)
     }
 
     async fn run_admit(&self, keys: &[LimitKey], now_ms: Option<u64>) -> Result<Admission, Error> {
@@ -230,20 +330,14 @@ impl RateLimiter {
                 .arg(key.limit.tolerance_us());
         }
         let mut conn = self.conn.clone();
-        let (admitted, at): (i64, String) = invocation.invoke_async(&mut conn).await?;
-        let at_us: u64 = at
-            .parse()
-            .map_err(|_| Error::Protocol(format!("instant {at:?}")))?;
-        if admitted == 1 {
-            Ok(Admission::Admitted)
-        } else {
-            Ok(Admission::WaitUntil(at_us.div_ceil(1000)))
-        }
+        let answer: (i64, String) = invocation.invoke_async(&mut conn).await?;
+        admission(answer)
     }
 
     /// Holds `key` back until `until_ms` (Unix milliseconds): every admission naming it waits
-    /// at least that long. Used when the provider answered 429 and locked the base out. A hold
-    /// never shortens a longer one already in force.
+    /// at least that long, and a reservation whose slot falls inside the hold is forfeited.
+    /// Used when the provider answered 429 and locked the base out. A hold never shortens a
+    /// longer one already in force.
     pub async fn hold(&self, key: &LimitKey, until_ms: u64) -> Result<(), Error> {
         self.run_hold(key, until_ms, None).await
     }
@@ -264,6 +358,7 @@ impl RateLimiter {
             .scripts
             .hold
             .key(&key.redis_key)
+            .key(&key.hold_key)
             .arg(until_ms.saturating_mul(1000))
             .arg(key.limit.tolerance_us())
             .arg(now_arg(now_ms))
@@ -271,6 +366,24 @@ impl RateLimiter {
             .await?;
         Ok(())
     }
+}
+
+/// The scripts' answer `{1, now}` or `{0, instant}`, instants in microseconds.
+fn admission((admitted, at): (i64, String)) -> Result<Admission, Error> {
+    if admitted == 1 {
+        Ok(Admission::Admitted)
+    } else {
+        Ok(Admission::WaitUntil(parse_instant_ms(&at)?))
+    }
+}
+
+/// An instant in microseconds, as the scripts write it, in Unix milliseconds rounded up (so a
+/// caller coming back at that millisecond is never early).
+fn parse_instant_ms(at: &str) -> Result<u64, Error> {
+    let at_us: u64 = at
+        .parse()
+        .map_err(|_| Error::Protocol(format!("instant {at:?}")))?;
+    Ok(at_us.div_ceil(1000))
 }
 
 fn now_arg(now_ms: Option<u64>) -> String {

@@ -11,7 +11,7 @@
 //! takes the earlier instant.
 
 use chrono::{DateTime, Duration, LocalResult, NaiveDate, NaiveTime, TimeZone, Utc};
-use chrono_tz::Tz;
+pub use chrono_tz::Tz;
 
 /// Why a window was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

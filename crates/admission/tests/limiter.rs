@@ -214,3 +214,290 @@ async fn concurrent_callers_on_redis_time_share_one_budget() {
     assert!(total <= 21, "{total} admitted");
     assert!(total >= 1);
 }
+
+const GRACE: Duration = Duration::from_millis(10);
+
+/// Jobs that all want the base at `t`, each deferred to its reserved slot and coming back
+/// `late_by(i)` ms after it. Returns the instants each was admitted at, in order.
+async fn reserving_jobs(
+    limiter: &RateLimiter,
+    key: &herald_admission::LimitKey,
+    t: u64,
+    jobs: usize,
+    late_by: impl Fn(usize) -> u64,
+) -> Vec<u64> {
+    let keys = std::slice::from_ref(key);
+    let mut slots = Vec::new();
+    for i in 0..jobs {
+        let id = format!("job{i}");
+        match limiter
+            .admit_reserving_at(keys, &id, GRACE, t)
+            .await
+            .unwrap()
+        {
+            Admission::Admitted => slots.push((t, None)),
+            Admission::WaitUntil(slot) => slots.push((slot, Some(id))),
+        }
+    }
+    let mut admitted = Vec::new();
+    for (i, (slot, id)) in slots.into_iter().enumerate() {
+        let Some(id) = id else {
+            admitted.push(slot);
+            continue;
+        };
+        let back = slot + late_by(i);
+        // Coming back early is answered with the same slot, not a later one.
+        assert_eq!(
+            limiter
+                .admit_reserving_at(keys, &id, GRACE, slot - 1)
+                .await
+                .unwrap(),
+            Admission::WaitUntil(slot)
+        );
+        assert_eq!(
+            limiter
+                .admit_reserving_at(keys, &id, GRACE, back)
+                .await
+                .unwrap(),
+            Admission::Admitted,
+            "job {i} back {} ms after its slot",
+            back - slot
+        );
+        admitted.push(back);
+    }
+    admitted
+}
+
+#[tokio::test]
+async fn reservations_keep_slots_evenly_spaced_when_callers_come_back_late() {
+    let limiter = limiter().await;
+    // 5 req/s paced 2 % under it: a slot every 204 ms.
+    let base = limiter
+        .key("base:app1", Limit::per_second(5.0 / 1.02).unwrap())
+        .unwrap();
+    let t = 1_900_000_000_000u64;
+    // Every job comes back late, by 0 to 10 ms (the grace).
+    let admitted = reserving_jobs(&limiter, &base, t, 30, |i| (i as u64 * 7) % 11).await;
+    // The slots did not drift: job i's slot is t + i × 204 ms, whatever the lateness before it.
+    for (i, &at) in admitted.iter().enumerate() {
+        let slot = t + i as u64 * 204;
+        assert!(at >= slot && at <= slot + 10, "job {i} at +{} ms", at - t);
+    }
+    // And the next caller gets the slot right after the last one.
+    assert_eq!(
+        limiter
+            .admit_reserving_at(std::slice::from_ref(&base), "late-comer", GRACE, t + 100)
+            .await
+            .unwrap(),
+        Admission::WaitUntil(t + 30 * 204)
+    );
+    // Lateness within the grace never puts more than 5 requests in one second.
+    assert_eq!(max_in_any_window(&admitted, 1000), 5);
+}
+
+#[tokio::test]
+async fn without_reservations_lateness_pushes_every_later_slot_back() {
+    // The drift reservations remove: plain admission, each job 8 ms late.
+    let limiter = limiter().await;
+    let base = limiter
+        .key("base:app1", Limit::per_second(5.0).unwrap())
+        .unwrap();
+    let keys = std::slice::from_ref(&base);
+    let t = 1_900_000_000_000u64;
+    let mut now = t;
+    for _ in 0..10 {
+        loop {
+            match limiter.admit_at(keys, now).await.unwrap() {
+                Admission::Admitted => break,
+                Admission::WaitUntil(at) => now = at + 8,
+            }
+        }
+    }
+    assert_eq!(now, t + 9 * 208);
+}
+
+#[tokio::test]
+async fn a_hold_beats_a_reservation() {
+    let limiter = limiter().await;
+    let base = limiter
+        .key("base:app1", Limit::per_second(5.0).unwrap())
+        .unwrap();
+    let keys = std::slice::from_ref(&base);
+    let t = 1_900_000_000_000u64;
+    assert_eq!(
+        limiter
+            .admit_reserving_at(keys, "a", GRACE, t)
+            .await
+            .unwrap(),
+        Admission::Admitted
+    );
+    assert_eq!(
+        limiter
+            .admit_reserving_at(keys, "b", GRACE, t)
+            .await
+            .unwrap(),
+        Admission::WaitUntil(t + 200)
+    );
+    assert_eq!(limiter.reserved_slot("b").await.unwrap(), Some(t + 200));
+    // A 429 before b's slot: the base is held back for 30 s.
+    limiter.hold_at(&base, t + 30_000, t + 100).await.unwrap();
+    // b comes back at its slot, inside the hold: its reservation is forfeited and it waits for
+    // the end of the hold like everyone else.
+    assert_eq!(
+        limiter
+            .admit_reserving_at(keys, "b", GRACE, t + 200)
+            .await
+            .unwrap(),
+        Admission::WaitUntil(t + 30_000)
+    );
+    assert_eq!(
+        limiter
+            .admit_reserving_at(keys, "c", GRACE, t + 300)
+            .await
+            .unwrap(),
+        Admission::WaitUntil(t + 30_200)
+    );
+    // Reservations after the hold are honoured.
+    assert_eq!(
+        limiter
+            .admit_reserving_at(keys, "b", GRACE, t + 30_002)
+            .await
+            .unwrap(),
+        Admission::Admitted
+    );
+    assert_eq!(
+        limiter
+            .admit_reserving_at(keys, "c", GRACE, t + 30_200)
+            .await
+            .unwrap(),
+        Admission::Admitted
+    );
+    // A plain admission still sees the hold and the reservations.
+    assert_eq!(
+        limiter.admit_at(keys, t + 30_250).await.unwrap(),
+        Admission::WaitUntil(t + 30_400)
+    );
+}
+
+#[tokio::test]
+async fn a_stale_reservation_expires() {
+    let limiter = limiter().await;
+    let base = limiter
+        .key("base:app1", Limit::per_second(5.0).unwrap())
+        .unwrap();
+    let keys = std::slice::from_ref(&base);
+    let t = 1_900_000_000_000u64;
+    limiter
+        .admit_reserving_at(keys, "a", GRACE, t)
+        .await
+        .unwrap();
+    assert_eq!(
+        limiter
+            .admit_reserving_at(keys, "b", GRACE, t)
+            .await
+            .unwrap(),
+        Admission::WaitUntil(t + 200)
+    );
+    assert_eq!(
+        limiter
+            .admit_reserving_at(keys, "c", GRACE, t)
+            .await
+            .unwrap(),
+        Admission::WaitUntil(t + 400)
+    );
+    // b comes back 11 ms late, past its grace: sending now could crowd c's slot, so b's slot is
+    // given up and b goes to the back.
+    assert_eq!(
+        limiter
+            .admit_reserving_at(keys, "b", GRACE, t + 211)
+            .await
+            .unwrap(),
+        Admission::WaitUntil(t + 600)
+    );
+    assert_eq!(limiter.reserved_slot("b").await.unwrap(), Some(t + 600));
+    // c's slot is untouched.
+    assert_eq!(
+        limiter
+            .admit_reserving_at(keys, "c", GRACE, t + 400)
+            .await
+            .unwrap(),
+        Admission::Admitted
+    );
+    assert_eq!(limiter.reserved_slot("c").await.unwrap(), None, "used once");
+
+    // On Redis's clock, a reservation nobody comes back for is deleted about a second after
+    // its grace.
+    let fast = limiter
+        .key(
+            "base:app2",
+            Limit::every(Duration::from_millis(50)).unwrap(),
+        )
+        .unwrap();
+    let fast = std::slice::from_ref(&fast);
+    assert_eq!(
+        limiter.admit_reserving(fast, "d", GRACE).await.unwrap(),
+        Admission::Admitted
+    );
+    let Admission::WaitUntil(slot) = limiter.admit_reserving(fast, "e", GRACE).await.unwrap()
+    else {
+        panic!("the second request within 50 ms is deferred");
+    };
+    assert_eq!(limiter.reserved_slot("e").await.unwrap(), Some(slot));
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert_eq!(limiter.reserved_slot("e").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn concurrent_reserving_callers_on_redis_time_keep_the_spacing() {
+    let limiter = Arc::new(limiter().await);
+    let base = limiter
+        .key(
+            "base:app1",
+            Limit::every(Duration::from_millis(50)).unwrap(),
+        )
+        .unwrap();
+    let start = now_ms();
+    let mut tasks = Vec::new();
+    for worker in 0..4 {
+        let limiter = Arc::clone(&limiter);
+        let base = base.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = Vec::new();
+            for job in 0..5 {
+                let id = format!("w{worker}-j{job}");
+                loop {
+                    match limiter
+                        .admit_reserving(std::slice::from_ref(&base), &id, GRACE)
+                        .await
+                        .unwrap()
+                    {
+                        Admission::Admitted => {
+                            admitted.push(now_ms());
+                            break;
+                        }
+                        Admission::WaitUntil(at) => {
+                            let wait = at.saturating_sub(now_ms());
+                            tokio::time::sleep(Duration::from_millis(wait)).await;
+                        }
+                    }
+                }
+            }
+            admitted
+        }));
+    }
+    let mut admitted = Vec::new();
+    for task in tasks {
+        admitted.extend(task.await.unwrap());
+    }
+    admitted.sort_unstable();
+    assert_eq!(admitted.len(), 20);
+    // Every job was admitted, and 20 requests 50 ms apart end near 19 × 50 ms: forfeits
+    // (a caller waking more than 10 ms late) are rare, so the end does not drift by much.
+    let span = admitted[19] - start;
+    assert!(span < 19 * 50 + 400, "span {span} ms");
+    // Never two closer than the interval less the grace (and a little for taking the time).
+    assert!(
+        admitted.windows(2).all(|w| w[1] - w[0] + 20 >= 50),
+        "{admitted:?}"
+    );
+}

@@ -1,6 +1,7 @@
-//! Call campaigns over HTTP: users, agents, contacts, the tenant's voice-provider account,
-//! campaigns (create from contacts or a CSV, list, view, pause, resume, cancel, delete, stats,
-//! CSV templates) and the provider's webhook.
+//! Call campaigns over HTTP: users, agents (removing one pauses its active campaigns), contacts
+//! (deleting one cancels its queued calls), the tenant's voice-provider account, campaigns
+//! (create from contacts or a CSV body or multipart form, list, view, update, pause, resume,
+//! cancel, delete, stats, CSV templates) and the provider's webhook.
 //!
 //! Tenant routes act on the tenant's own data (an ops token is 403, another tenant's campaign
 //! 404). Creating or resuming a campaign writes its dispatch job in Postgres (the outbox); the
@@ -10,17 +11,20 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request, State};
+use std::collections::BTreeMap;
+
+use axum::extract::multipart::MultipartError;
+use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use chrono::NaiveDate;
+use chrono::{NaiveDate, NaiveTime};
 use herald_admission::window::{Window, parse_time};
 use herald_connectors::voice::{self, ServerEvent};
 use herald_core::TenantId;
-use herald_store::calls::{self, NewCampaign, NewContact};
-use serde::Deserialize;
+use herald_store::calls::{self, CampaignEdit, NewCampaign, NewContact};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq as _;
 use uuid::Uuid;
@@ -121,6 +125,26 @@ pub async fn create_agent(
     Ok((StatusCode::CREATED, Json(json!(agent))).into_response())
 }
 
+/// A path id as a uuid; anything else names nothing of the tenant's: 404.
+fn path_id(what: &str, id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::not_found(format!("{what} {id:?}")))
+}
+
+/// `DELETE /v1/agents/{id}`: the agent can no longer be used; every active campaign using it is
+/// paused with the reason (shown as the campaign's `pause_reason`), its calls in progress finish.
+pub async fn remove_agent(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let removal = calls::remove_agent(state.pool(), tenant, path_id("agent", &id)?).await?;
+    tracing::info!(%tenant, agent = %removal.id, paused = removal.paused_campaigns.len(), "agent removed");
+    Ok(Json(json!({
+        "id": removal.id, "removed": true, "paused_campaigns": removal.paused_campaigns
+    })))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ProviderRequest {
@@ -207,8 +231,24 @@ fn json_contacts(items: Vec<Value>) -> Vec<calls::ContactRow> {
         .collect()
 }
 
-/// `POST /v1/contacts`: `{"contacts": [...]}` or a CSV (`text/csv`) → 200 with the stored ids
-/// and the refused rows (line, column, reason).
+/// The contacts of a JSON body `{"contacts": [...]}`.
+fn json_body_contacts(bytes: &[u8]) -> Result<Vec<calls::ContactRow>, ApiError> {
+    let body: Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let body: ContactsBody = typed(body)?;
+    Ok(json_contacts(body.contacts))
+}
+
+fn multipart_rejection(e: axum::extract::multipart::MultipartRejection) -> ApiError {
+    ApiError::BadRequest {
+        field: "(body)".into(),
+        message: e.body_text(),
+    }
+}
+
+/// `POST /v1/contacts`: `{"contacts": [...]}`, a CSV (`text/csv`), or a multipart form with the
+/// CSV or JSON file in a part named `file` → 200 with the stored ids and the refused rows (line,
+/// column, reason).
 pub async fn import_contacts(
     State(state): State<AppState>,
     caller: Caller,
@@ -217,24 +257,48 @@ pub async fn import_contacts(
     let tenant = caller.tenant()?;
     let mime = media_type(request.headers());
     let limit = state.config().import_body_limit;
-    let bytes = Bytes::from_request(request, &state)
-        .await
-        .map_err(|e| body_rejection(e, limit))?;
-    let rows = if crate::daily::is_csv_mime(&mime) {
-        calls::parse_contacts_csv(&bytes).map_err(csv_error)?
-    } else if is_json_mime(&mime) {
-        let body: Value =
-            serde_json::from_slice(&bytes).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-        let body: ContactsBody = typed(body)?;
-        json_contacts(body.contacts)
+    let rows = if mime == "multipart/form-data" {
+        let form = Multipart::from_request(request, &state)
+            .await
+            .map_err(multipart_rejection)?;
+        match crate::daily::multipart_file(form, limit).await? {
+            (crate::daily::Format::Csv, bytes) => {
+                calls::parse_contacts_csv(&bytes).map_err(csv_error)?
+            }
+            (crate::daily::Format::Json, bytes) => json_body_contacts(&bytes)?,
+        }
+    } else if crate::daily::is_csv_mime(&mime) || is_json_mime(&mime) {
+        let bytes = Bytes::from_request(request, &state)
+            .await
+            .map_err(|e| body_rejection(e, limit))?;
+        if crate::daily::is_csv_mime(&mime) {
+            calls::parse_contacts_csv(&bytes).map_err(csv_error)?
+        } else {
+            json_body_contacts(&bytes)?
+        }
     } else {
         return Err(ApiError::UnsupportedMediaType(
-            "text/csv or application/json",
+            "text/csv, application/json or multipart/form-data",
         ));
     };
     let mut conn = state.pool().acquire().await?;
     let report = calls::import_contacts(&mut conn, tenant, rows).await?;
     Ok((StatusCode::OK, Json(json!(report))).into_response())
+}
+
+/// `DELETE /v1/contacts/{id}`: the contact is deleted and its queued calls, in every campaign,
+/// are cancelled (calls in progress finish).
+pub async fn delete_contact(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let id = path_id("contact", &id)?;
+    let cancelled = calls::delete_contact(state.pool(), tenant, id).await?;
+    Ok(Json(
+        json!({"id": id, "deleted": true, "cancelled_calls": cancelled}),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,21 +355,28 @@ impl CampaignRequest {
     }
 }
 
+fn window_error(field: &str, e: herald_admission::WindowError) -> ApiError {
+    ApiError::invalid(field, e.to_string())
+}
+
+fn call_time(field: &'static str, value: &str) -> Result<NaiveTime, ApiError> {
+    parse_time(field, value).map_err(|e| window_error(field, e))
+}
+
+fn time_zone(value: &str) -> Result<herald_admission::window::Tz, ApiError> {
+    herald_admission::window::parse_zone(value).map_err(|e| window_error("time_zone", e))
+}
+
 /// Validates the window once, here: times, zone, a non-empty window. The start date defaults
 /// to today in the campaign's zone.
 fn new_campaign(settings: CampaignSettings) -> Result<NewCampaign, ApiError> {
-    let invalid =
-        |field: &str, e: herald_admission::WindowError| ApiError::invalid(field, e.to_string());
-    let first = parse_time("first_call_time", &settings.first_call_time)
-        .map_err(|e| invalid("first_call_time", e))?;
-    let last = parse_time("last_call_time", &settings.last_call_time)
-        .map_err(|e| invalid("last_call_time", e))?;
-    let zone = herald_admission::window::parse_zone(&settings.time_zone)
-        .map_err(|e| invalid("time_zone", e))?;
+    let first = call_time("first_call_time", &settings.first_call_time)?;
+    let last = call_time("last_call_time", &settings.last_call_time)?;
+    let zone = time_zone(&settings.time_zone)?;
     let start_date = settings
         .start_date
         .unwrap_or_else(|| chrono::Utc::now().with_timezone(&zone).date_naive());
-    Window::new(first, last, zone, start_date).map_err(|e| invalid("last_call_time", e))?;
+    Window::new(first, last, zone, start_date).map_err(|e| window_error("last_call_time", e))?;
     Ok(NewCampaign {
         name: settings.name,
         user_id: settings.user_id,
@@ -316,6 +387,92 @@ fn new_campaign(settings: CampaignSettings) -> Result<NewCampaign, ApiError> {
         time_zone: zone.name().to_owned(),
         start_date,
     })
+}
+
+/// `Some(None)` for an explicit `null`, so an update can clear a field; an absent field is
+/// `None` through `#[serde(default)]`.
+fn nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// `PATCH /v1/call-campaigns/{id}`: the fields to change; absent ones keep their value.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CampaignPatch {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    agent_id: Option<Uuid>,
+    #[serde(default, deserialize_with = "nullable")]
+    next_action: Option<Option<String>>,
+    #[serde(default)]
+    first_call_time: Option<String>,
+    #[serde(default)]
+    last_call_time: Option<String>,
+    #[serde(default)]
+    time_zone: Option<String>,
+    #[serde(default)]
+    start_date: Option<NaiveDate>,
+}
+
+/// The campaign's settings after `patch`, validated as on create: the merged window must be a
+/// usable one in the merged zone. A non-empty window that `patch` made empty is blamed on the
+/// time the request changed.
+fn edit_campaign(
+    current: &calls::Campaign,
+    patch: CampaignPatch,
+) -> Result<CampaignEdit, ApiError> {
+    let first = match &patch.first_call_time {
+        Some(value) => call_time("first_call_time", value)?,
+        None => current.first_call_time,
+    };
+    let last = match &patch.last_call_time {
+        Some(value) => call_time("last_call_time", value)?,
+        None => current.last_call_time,
+    };
+    let zone = time_zone(patch.time_zone.as_deref().unwrap_or(&current.time_zone))?;
+    let start_date = patch.start_date.unwrap_or(current.start_date);
+    let blamed = if patch.last_call_time.is_none() && patch.first_call_time.is_some() {
+        "first_call_time"
+    } else {
+        "last_call_time"
+    };
+    Window::new(first, last, zone, start_date).map_err(|e| window_error(blamed, e))?;
+    Ok(CampaignEdit {
+        name: patch.name.unwrap_or_else(|| current.name.clone()),
+        agent_id: patch.agent_id.unwrap_or(current.agent_id),
+        next_action: patch
+            .next_action
+            .unwrap_or_else(|| current.next_action.clone()),
+        first_call_time: first,
+        last_call_time: last,
+        time_zone: zone.name().to_owned(),
+        start_date,
+    })
+}
+
+/// `PATCH /v1/call-campaigns/{id}` `{"name"?, "agent_id"?, "next_action"?, "first_call_time"?,
+/// "last_call_time"?, "time_zone"?, "start_date"?}`: changes an active or paused campaign
+/// (409 once cancelled or completed). An active campaign is dispatched again at once, so a
+/// window that now opens earlier starts calling without waiting for the old wake-up.
+pub async fn update_campaign(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let id = campaign_id(&id)?;
+    let patch: CampaignPatch = typed(body)?;
+    let mut tx = state.pool().begin().await?;
+    let current = calls::campaign_for_update(&mut tx, tenant, id).await?;
+    let edit = edit_campaign(&current, patch)?;
+    let updated = calls::update_campaign(&mut tx, tenant, id, &edit).await?;
+    if updated.status == calls::CampaignStatus::Active {
+        herald_jobs::calls::enqueue_dispatch(&mut tx, tenant, None).await?;
+    }
+    tx.commit().await?;
+    Ok(Json(json!({ "campaign": updated })))
 }
 
 /// `POST /v1/call-campaigns` from existing contacts → 201 with the campaign and `queued`.
@@ -343,25 +500,88 @@ pub async fn create_campaign(
         .into_response())
 }
 
-/// `POST /v1/call-campaigns:upload?name=…&user_id=…` with a `text/csv` body: the contacts are
-/// stored (bad rows reported by line and column, never blocking good ones) and the campaign
-/// calls the good ones. A body that is not CSV, or is too big, is 400 and nothing is written.
+/// A campaign upload's multipart form: its text fields (settings) and the file (the part named
+/// `file`, else the first part with a file name).
+async fn multipart_upload(
+    mut form: Multipart,
+    limit: usize,
+) -> Result<(BTreeMap<String, String>, Bytes), ApiError> {
+    let read_error = |e: MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::BadRequest {
+                field: "file".into(),
+                message: e.body_text(),
+            }
+        }
+    };
+    let mut fields = BTreeMap::new();
+    let mut file = None;
+    while let Some(field) = form.next_field().await.map_err(read_error)? {
+        let is_file = field.name() == Some("file") || field.file_name().is_some();
+        if is_file {
+            if file.is_some() {
+                return Err(ApiError::BadRequest {
+                    field: "file".into(),
+                    message: "the form holds more than one file".into(),
+                });
+            }
+            let mime = field.content_type().map(media_type_of);
+            if let Some(mime) = mime.filter(|m| is_json_mime(m)) {
+                return Err(ApiError::BadRequest {
+                    field: "file".into(),
+                    message: format!("the file must be CSV, not {mime}"),
+                });
+            }
+            file = Some(field.bytes().await.map_err(read_error)?);
+        } else if let Some(name) = field.name().map(str::to_owned) {
+            let value = field.text().await.map_err(read_error)?;
+            fields.insert(name, value);
+        }
+    }
+    let file = file.ok_or_else(|| ApiError::BadRequest {
+        field: "file".into(),
+        message: "the form holds no file; send the CSV as a part named `file`".into(),
+    })?;
+    Ok((fields, file))
+}
+
+fn media_type_of(value: &str) -> String {
+    crate::daily::media_type(value)
+}
+
+/// `POST /v1/call-campaigns:upload`: the settings in the query with a `text/csv` body, or a
+/// multipart form with the settings as fields (or in the query) and the CSV in a part named
+/// `file`. The contacts are stored (bad rows reported by line and column, never blocking good
+/// ones) and the campaign calls the good ones. A file that is not CSV, or is too big, is 400
+/// and nothing is written.
 pub async fn upload_campaign(
     State(state): State<AppState>,
     caller: Caller,
-    QueryParams(settings): QueryParams<CampaignSettings>,
+    QueryParams(mut settings): QueryParams<BTreeMap<String, String>>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let tenant = caller.tenant()?;
-    let campaign = new_campaign(settings)?;
     let mime = media_type(request.headers());
-    if !crate::daily::is_csv_mime(&mime) {
-        return Err(ApiError::UnsupportedMediaType("text/csv"));
-    }
     let limit = state.config().import_body_limit;
-    let bytes = Bytes::from_request(request, &state)
-        .await
-        .map_err(|e| body_rejection(e, limit))?;
+    let bytes = if mime == "multipart/form-data" {
+        let form = Multipart::from_request(request, &state)
+            .await
+            .map_err(multipart_rejection)?;
+        let (fields, file) = multipart_upload(form, limit).await?;
+        settings.extend(fields);
+        file
+    } else if crate::daily::is_csv_mime(&mime) {
+        Bytes::from_request(request, &state)
+            .await
+            .map_err(|e| body_rejection(e, limit))?
+    } else {
+        return Err(ApiError::UnsupportedMediaType(
+            "text/csv or multipart/form-data",
+        ));
+    };
+    let campaign = new_campaign(typed(json!(settings))?)?;
     let rows = calls::parse_contacts_csv(&bytes).map_err(csv_error)?;
     let mut tx = state.pool().begin().await?;
     let report = calls::import_contacts(&mut tx, tenant, rows).await?;
@@ -414,7 +634,7 @@ pub async fn template(caller: Caller, Params(file): Params<String>) -> Result<Re
 }
 
 fn campaign_id(id: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(id).map_err(|_| ApiError::not_found(format!("call campaign {id:?}")))
+    path_id("call campaign", id)
 }
 
 #[derive(Deserialize)]

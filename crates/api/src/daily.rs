@@ -41,7 +41,7 @@ const IMPORT_MEDIA_TYPES: &str = "text/csv, application/json or multipart/form-d
 
 /// What an upload holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub(crate) enum Format {
     Csv,
     Json,
 }
@@ -79,7 +79,10 @@ fn parse_upload(format: Format, bytes: &[u8]) -> Result<Vec<InputRow>, ApiError>
 /// The file of a multipart upload: the part named `file`, else the first part with a file name.
 /// Its format comes from the part's content type, else its file name's extension (CSV unless it
 /// says JSON).
-async fn multipart_file(mut form: Multipart, limit: usize) -> Result<(Format, Bytes), ApiError> {
+pub(crate) async fn multipart_file(
+    mut form: Multipart,
+    limit: usize,
+) -> Result<(Format, Bytes), ApiError> {
     let bad = |message: String| ApiError::BadRequest {
         field: "file".into(),
         message,

@@ -15,6 +15,7 @@ mod idempotency;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
+pub mod sequences;
 pub mod whatsapp;
 
 use std::collections::HashSet;
@@ -252,13 +253,16 @@ fn method_router(op: Op, method: MethodFilter) -> MethodRouter<AppState> {
         Op::Cleanup => on(method, daily::cleanup),
         Op::CreateCallUser => on(method, calls::create_user),
         Op::CreateCallAgent => on(method, calls::create_agent),
+        Op::RemoveCallAgent => on(method, calls::remove_agent),
         Op::ImportContacts => on(method, calls::import_contacts),
+        Op::DeleteContact => on(method, calls::delete_contact),
         Op::PutVoiceProvider => on(method, calls::put_voice_provider),
         Op::CreateCallCampaign => on(method, calls::create_campaign),
         Op::UploadCallCampaign => on(method, calls::upload_campaign),
         Op::CallCampaignTemplate => on(method, calls::template),
         Op::ListCallCampaigns => on(method, calls::list_campaigns),
         Op::GetCallCampaign => on(method, calls::get_campaign),
+        Op::UpdateCallCampaign => on(method, calls::update_campaign),
         Op::CallCampaignStats => on(method, calls::campaign_stats),
         Op::PauseCallCampaign | Op::ResumeCallCampaign | Op::CancelCallCampaign => {
             on(method, calls::campaign_action)
@@ -279,5 +283,15 @@ fn method_router(op: Op, method: MethodFilter) -> MethodRouter<AppState> {
         Op::FailedMessagesCsv => on(method, whatsapp::failed_csv),
         Op::WhatsAppWebhookVerify => on(method, whatsapp::verify_webhook),
         Op::WhatsAppWebhook => on(method, whatsapp::status_webhook),
+        Op::CreateSequence => on(method, sequences::create),
+        Op::ListSequences => on(method, sequences::list),
+        Op::GetSequence => on(method, sequences::get),
+        Op::SequenceStats => on(method, sequences::stats),
+        Op::AddSequenceLeads => on(method, sequences::add_leads),
+        Op::StartSequence => on(method, sequences::start),
+        Op::PauseSequence => on(method, sequences::pause),
+        Op::StopSequence => on(method, sequences::stop),
+        Op::SequenceLead => on(method, sequences::lead_timeline),
+        Op::SequenceWebhook => on(method, sequences::inbound_webhook),
     }
 }

@@ -4,6 +4,7 @@
 use serde_json::{Value, json};
 
 mod calls;
+mod sequences;
 mod whatsapp;
 
 fn error_response(description: &str) -> Value {
@@ -472,5 +473,7 @@ pub fn document() -> Value {
     extend(&mut document["components"]["schemas"], calls::schemas());
     extend(&mut document["paths"], whatsapp::paths());
     extend(&mut document["components"]["schemas"], whatsapp::schemas());
+    extend(&mut document["paths"], sequences::paths());
+    extend(&mut document["components"]["schemas"], sequences::schemas());
     document
 }

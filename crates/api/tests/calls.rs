@@ -389,3 +389,465 @@ async fn webhooks_need_the_tenants_secret_and_release_once_per_call(pool: PgPool
     assert_eq!(garbage.status, StatusCode::BAD_REQUEST);
     assert_eq!(count(&app.pool, releases, tenant).await, 1);
 }
+
+/// Stores contacts with these phones (named when `named`); returns their ids.
+async fn contacts(app: &TestApp, token: &str, phones: &[(&str, bool)]) -> Vec<String> {
+    let items: Vec<Value> = phones
+        .iter()
+        .map(|(phone, named)| {
+            if *named {
+                json!({"phone": phone, "name": format!("Name {phone}")})
+            } else {
+                json!({"phone": phone})
+            }
+        })
+        .collect();
+    let reply = req(Method::POST, "/v1/contacts")
+        .token(token)
+        .json(&json!({ "contacts": items }))
+        .send(&app.router)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    reply.body["contact_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn create_campaign(
+    app: &TestApp,
+    token: &str,
+    user: &str,
+    agent: &str,
+    contact_ids: &[String],
+) -> String {
+    let mut body = settings(user, agent);
+    body["contact_ids"] = json!(contact_ids);
+    let created = req(Method::POST, "/v1/call-campaigns")
+        .token(token)
+        .json(&body)
+        .send(&app.router)
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    created.body["campaign"]["id"].as_str().unwrap().to_owned()
+}
+
+async fn patch(app: &TestApp, token: &str, id: &str, body: Value) -> Reply {
+    req(Method::PATCH, &format!("/v1/call-campaigns/{id}"))
+        .token(token)
+        .json(&body)
+        .send(&app.router)
+        .await
+}
+
+/// The campaign row as stored: name, window, zone, start date, next action, agent, status,
+/// pause reason.
+async fn stored_campaign(pool: &PgPool, id: &str) -> Value {
+    sqlx::query_scalar(
+        "select jsonb_build_object('name', name, 'first', first_call_time::text,
+                'last', last_call_time::text, 'zone', time_zone, 'start', start_date::text,
+                'next_action', next_action, 'agent_id', agent_id::text, 'status', status,
+                'pause_reason', pause_reason)
+         from call_campaigns where id = $1::uuid",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "herald_store::MIGRATOR")]
+async fn a_campaign_update_is_validated_like_create_and_dispatches_again(pool: PgPool) {
+    let app = app(pool).await;
+    let (tenant, token, user, agent) = setup(&app, "a").await;
+    let ids = contacts(&app, &token, &[("+14155550100", true)]).await;
+    let id = create_campaign(&app, &token, &user, &agent, &ids).await;
+    let dispatches = "select count(*) from outbox where tenant_id = $1 and queue = 'call_dispatch'";
+    assert_eq!(count(&app.pool, dispatches, tenant).await, 1);
+
+    let updated = patch(
+        &app,
+        &token,
+        &id,
+        json!({"name": "Autumn", "first_call_time": "22:00", "last_call_time": "06:00",
+               "time_zone": "America/New_York", "start_date": "2026-10-01", "next_action": null}),
+    )
+    .await;
+    assert_eq!(updated.status, StatusCode::OK, "{}", updated.text);
+    assert_eq!(updated.body["campaign"]["name"], "Autumn");
+    assert_eq!(
+        stored_campaign(&app.pool, &id).await,
+        json!({"name": "Autumn", "first": "22:00:00", "last": "06:00:00",
+               "zone": "America/New_York", "start": "2026-10-01", "next_action": null,
+               "agent_id": agent, "status": "active", "pause_reason": null})
+    );
+    // An active campaign is dispatched again, under the new window.
+    assert_eq!(count(&app.pool, dispatches, tenant).await, 2);
+    // Absent fields keep their value.
+    let renamed = patch(&app, &token, &id, json!({"next_action": "call back"})).await;
+    assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.text);
+    assert_eq!(stored_campaign(&app.pool, &id).await["name"], "Autumn");
+    assert_eq!(
+        stored_campaign(&app.pool, &id).await["next_action"],
+        "call back"
+    );
+
+    // Refused as on create, naming the field; nothing changes.
+    let before = stored_campaign(&app.pool, &id).await;
+    for (body, field) in [
+        (json!({"time_zone": "Mars/Base"}), "time_zone"),
+        (json!({"first_call_time": "9am"}), "first_call_time"),
+        (json!({"first_call_time": "06:00"}), "first_call_time"),
+        (
+            json!({"first_call_time": "10:00", "last_call_time": "10:00"}),
+            "last_call_time",
+        ),
+        (json!({"name": ""}), "name"),
+        (json!({"status": "active"}), "status"),
+    ] {
+        let reply = patch(&app, &token, &id, body.clone()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}: {}",
+            reply.text
+        );
+        assert_eq!(reply.field(), field, "{body}");
+    }
+    let stranger = patch(
+        &app,
+        &token,
+        &id,
+        json!({"agent_id": uuid::Uuid::new_v4().to_string()}),
+    )
+    .await;
+    assert_eq!(stranger.status, StatusCode::NOT_FOUND, "{}", stranger.text);
+    assert_eq!(stored_campaign(&app.pool, &id).await, before);
+
+    // Another tenant cannot see it; a cancelled campaign cannot change.
+    let (_, other) = support::tenant(&app.pool, "b").await;
+    let hidden = patch(&app, &other, &id, json!({"name": "Mine"})).await;
+    assert_eq!(hidden.status, StatusCode::NOT_FOUND);
+    let cancelled = req(Method::POST, &format!("/v1/call-campaigns/{id}:cancel"))
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(cancelled.status, StatusCode::OK, "{}", cancelled.text);
+    let late = patch(&app, &token, &id, json!({"name": "Too late"})).await;
+    assert_eq!(late.status, StatusCode::CONFLICT, "{}", late.text);
+    assert_eq!(stored_campaign(&app.pool, &id).await["name"], "Autumn");
+    assert_eq!(count(&app.pool, dispatches, tenant).await, 3);
+}
+
+#[sqlx::test(migrator = "herald_store::MIGRATOR")]
+async fn deleting_a_contact_cancels_its_queued_calls_only(pool: PgPool) {
+    let app = app(pool).await;
+    let (tenant, token, user, agent) = setup(&app, "a").await;
+    let ids = contacts(
+        &app,
+        &token,
+        &[("+14155550100", true), ("+14155550101", false)],
+    )
+    .await;
+    let (gone, kept) = (ids[0].clone(), ids[1].clone());
+    let first = create_campaign(&app, &token, &user, &agent, &ids).await;
+    let second = create_campaign(&app, &token, &user, &agent, &ids).await;
+    // The contact's call in the second campaign is in progress: it must finish.
+    sqlx::query(
+        "update calls set state = 'in_call', provider_call_id = 'call-live', dialed_at = now()
+         where campaign_id = $1::uuid and contact_id = $2::uuid",
+    )
+    .bind(&second)
+    .bind(&gone)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    let (_, other) = support::tenant(&app.pool, "b").await;
+    for (token, path) in [
+        (&other, format!("/v1/contacts/{gone}")),
+        (&token, "/v1/contacts/not-a-uuid".to_owned()),
+    ] {
+        let refused = req(Method::DELETE, &path)
+            .token(token)
+            .send(&app.router)
+            .await;
+        assert_eq!(refused.status, StatusCode::NOT_FOUND, "{}", refused.text);
+    }
+    let deleted = req(Method::DELETE, &format!("/v1/contacts/{gone}"))
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.text);
+    assert_eq!(deleted.body["cancelled_calls"], 1);
+
+    let states: Vec<(String, String, String)> = sqlx::query_as(
+        "select campaign_id::text, contact_id::text, state from calls where tenant_id = $1
+         order by campaign_id, contact_id",
+    )
+    .bind(tenant.0)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let state_of = |campaign: &str, contact: &str| {
+        states
+            .iter()
+            .find(|(c, k, _)| c == campaign && k == contact)
+            .map(|(_, _, s)| s.as_str())
+            .unwrap()
+    };
+    assert_eq!(state_of(&first, &gone), "cancelled");
+    assert_eq!(state_of(&second, &gone), "in_call");
+    assert_eq!(state_of(&first, &kept), "queued");
+    assert_eq!(state_of(&second, &kept), "queued");
+    assert_eq!(
+        count(
+            &app.pool,
+            "select count(*) from contacts where tenant_id = $1",
+            tenant
+        )
+        .await,
+        1
+    );
+    let again = req(Method::DELETE, &format!("/v1/contacts/{gone}"))
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+}
+
+#[sqlx::test(migrator = "herald_store::MIGRATOR")]
+async fn removing_an_agent_pauses_its_active_campaigns_with_the_reason(pool: PgPool) {
+    let app = app(pool).await;
+    let (tenant, token, user, agent) = setup(&app, "a").await;
+    let other_agent = req(Method::POST, "/v1/agents")
+        .token(&token)
+        .json(&json!({"name": "Bea", "assistant_id": "asst_2", "phone_number_id": "pn_2"}))
+        .send(&app.router)
+        .await;
+    let other_agent = other_agent.body["id"].as_str().unwrap().to_owned();
+    let ids = contacts(&app, &token, &[("+14155550100", true)]).await;
+    let active = create_campaign(&app, &token, &user, &agent, &ids).await;
+    let paused = create_campaign(&app, &token, &user, &agent, &ids).await;
+    let untouched = create_campaign(&app, &token, &user, &other_agent, &ids).await;
+    let pause = req(Method::POST, &format!("/v1/call-campaigns/{paused}:pause"))
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(pause.status, StatusCode::OK);
+
+    let (_, stranger) = support::tenant(&app.pool, "b").await;
+    let hidden = req(Method::DELETE, &format!("/v1/agents/{agent}"))
+        .token(&stranger)
+        .send(&app.router)
+        .await;
+    assert_eq!(hidden.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        stored_campaign(&app.pool, &active).await["status"],
+        "active"
+    );
+
+    let removed = req(Method::DELETE, &format!("/v1/agents/{agent}"))
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(removed.status, StatusCode::OK, "{}", removed.text);
+    assert_eq!(removed.body["paused_campaigns"], json!([active]));
+    let view = req(Method::GET, &format!("/v1/call-campaigns/{active}"))
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(view.body["campaign"]["status"], "paused");
+    let reason = view.body["campaign"]["pause_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("Ava") && reason.contains("removed"),
+        "{reason}"
+    );
+    assert_eq!(
+        stored_campaign(&app.pool, &paused).await["pause_reason"],
+        "paused by request"
+    );
+    assert_eq!(
+        stored_campaign(&app.pool, &untouched).await["status"],
+        "active"
+    );
+    // Nothing of its calls was touched: they wait, queued.
+    assert_eq!(
+        count(
+            &app.pool,
+            "select count(*) from calls where tenant_id = $1 and state = 'queued'",
+            tenant
+        )
+        .await,
+        3
+    );
+
+    // The removed agent cannot be used, nor can its campaigns resume until given another.
+    let resume = req(Method::POST, &format!("/v1/call-campaigns/{active}:resume"))
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(resume.status, StatusCode::CONFLICT, "{}", resume.text);
+    let mut body = settings(&user, &agent);
+    body["contact_ids"] = json!(ids);
+    let create = req(Method::POST, "/v1/call-campaigns")
+        .token(&token)
+        .json(&body)
+        .send(&app.router)
+        .await;
+    assert_eq!(create.status, StatusCode::NOT_FOUND, "{}", create.text);
+    // It can still be edited while it keeps the removed agent.
+    let renamed = patch(&app, &token, &active, json!({"name": "Renamed"})).await;
+    assert_eq!(renamed.status, StatusCode::OK, "{}", renamed.text);
+    assert_eq!(renamed.body["campaign"]["status"], "paused");
+    let refused = patch(&app, &token, &untouched, json!({"agent_id": agent})).await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND, "{}", refused.text);
+    let moved = patch(&app, &token, &active, json!({"agent_id": other_agent})).await;
+    assert_eq!(moved.status, StatusCode::OK, "{}", moved.text);
+    let resume = req(Method::POST, &format!("/v1/call-campaigns/{active}:resume"))
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(resume.status, StatusCode::OK, "{}", resume.text);
+    assert_eq!(
+        stored_campaign(&app.pool, &active).await["pause_reason"],
+        Value::Null
+    );
+    let again = req(Method::DELETE, &format!("/v1/agents/{agent}"))
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+}
+
+fn form(boundary: &str, fields: &[(&str, &str)], file: Option<(&str, &str, &str)>) -> String {
+    let mut body = String::new();
+    for (name, value) in fields {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        ));
+    }
+    if let Some((file_name, content_type, content)) = file {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{file_name}\"\r\n\
+             Content-Type: {content_type}\r\n\r\n{content}\r\n"
+        ));
+    }
+    body.push_str(&format!("--{boundary}--\r\n"));
+    body
+}
+
+#[sqlx::test(migrator = "herald_store::MIGRATOR")]
+async fn multipart_uploads_store_contacts_and_create_campaigns(pool: PgPool) {
+    let app = app(pool).await;
+    let (tenant, token, user, agent) = setup(&app, "a").await;
+    let boundary = "herald-calls-boundary";
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+
+    // Contacts as a multipart CSV file.
+    let csv = "phone,name,company\n+14155550100,Ann,Acme\nnope,Bob,\n+14155550101,,\n";
+    let stored = req(Method::POST, "/v1/contacts")
+        .token(&token)
+        .raw(
+            &content_type,
+            form(boundary, &[], Some(("contacts.csv", "text/csv", csv))),
+        )
+        .send(&app.router)
+        .await;
+    assert_eq!(stored.status, StatusCode::OK, "{}", stored.text);
+    assert_eq!(stored.body["stored"], 2);
+    assert_eq!(stored.body["rejected_rows"][0]["line"], 3);
+    assert_eq!(
+        count(
+            &app.pool,
+            "select count(*) from contacts where tenant_id = $1",
+            tenant
+        )
+        .await,
+        2
+    );
+
+    // A campaign: settings as form fields, one in the query, the CSV as the file.
+    let fields = [
+        ("name", "Multipart"),
+        ("user_id", user.as_str()),
+        ("agent_id", agent.as_str()),
+        ("first_call_time", "09:00"),
+        ("last_call_time", "18:00"),
+        ("time_zone", "Europe/London"),
+    ];
+    let csv = "phone,name\n+14155550102,Cleo\n+14155550103,\nbad,Dan\n";
+    let created = req(
+        Method::POST,
+        "/v1/call-campaigns:upload?next_action=book%20a%20demo",
+    )
+    .token(&token)
+    .raw(
+        &content_type,
+        form(boundary, &fields, Some(("calls.csv", "text/csv", csv))),
+    )
+    .send(&app.router)
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    assert_eq!(created.body["queued"], 2);
+    assert_eq!(created.body["rejected"], 1);
+    let id = created.body["campaign"]["id"].as_str().unwrap().to_owned();
+    let row = stored_campaign(&app.pool, &id).await;
+    assert_eq!(row["name"], "Multipart");
+    assert_eq!(row["next_action"], "book a demo");
+    assert_eq!(
+        count(
+            &app.pool,
+            "select count(*) from calls where tenant_id = $1",
+            tenant
+        )
+        .await,
+        2
+    );
+
+    // No file, a JSON file, a bad setting: refused, nothing written.
+    for (body, status, field) in [
+        (
+            form(boundary, &fields, None),
+            StatusCode::BAD_REQUEST,
+            "file",
+        ),
+        (
+            form(
+                boundary,
+                &fields,
+                Some(("calls.json", "application/json", "[]")),
+            ),
+            StatusCode::BAD_REQUEST,
+            "file",
+        ),
+        (
+            form(
+                boundary,
+                &[("name", "x"), ("user_id", user.as_str())],
+                Some(("calls.csv", "text/csv", csv)),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "agent_id",
+        ),
+    ] {
+        let reply = req(Method::POST, "/v1/call-campaigns:upload")
+            .token(&token)
+            .raw(&content_type, body)
+            .send(&app.router)
+            .await;
+        assert_eq!(reply.status, status, "{}", reply.text);
+        assert_eq!(reply.field(), field, "{}", reply.text);
+    }
+    assert_eq!(
+        count(
+            &app.pool,
+            "select count(*) from call_campaigns where tenant_id = $1",
+            tenant
+        )
+        .await,
+        1
+    );
+}

@@ -465,7 +465,16 @@ pub async fn run_dispatch(
                     continue 'runs;
                 }
                 Placed::Skipped => {
-                    release(voice, &tenant_name, user, call.id).await?;
+                    // Two dispatch runs may offer the same call at once: the slot id is the
+                    // call's, so one acquires it and the other finds it held. Only the run that
+                    // records `dialing` places the call; the other must not free the slot the
+                    // call now holds. A call no longer live (cancelled, ended) frees it.
+                    if !calls::is_live(pool, tenant, call.id)
+                        .await
+                        .map_err(store_error)?
+                    {
+                        release(voice, &tenant_name, user, call.id).await?;
+                    }
                     continue 'runs;
                 }
                 Placed::ProviderFull => {
@@ -491,6 +500,8 @@ pub async fn run_dispatch(
         let expires = (dialed_at + lease_chrono).timestamp_millis().max(0) as u64 + 1;
         wake = earliest(wake, expires);
     }
+    // One connection at a time: a run holding one while waiting for another can starve the
+    // pool when every connection is held by such a run.
     let mut conn = pool
         .acquire()
         .await
@@ -508,6 +519,7 @@ pub async fn run_dispatch(
             .map_err(store_error)?;
         summary.wake_at_ms = Some(at);
     }
+    drop(conn);
     calls::complete_finished_campaigns(pool, tenant)
         .await
         .map_err(store_error)?;

@@ -430,10 +430,12 @@ fn airtable(deps: &Deps) -> Result<&Airtable, JobError> {
     })
 }
 
-/// Asks the fleet-wide limiter for a request slot; a refusal defers the job to the named
-/// instant without spending an attempt.
-async fn admit(airtable: &Airtable) -> Result<(), JobError> {
-    match airtable.admit().await {
+/// Asks the fleet-wide limiter for a request slot; a refusal reserves the named slot for
+/// `request` and defers the job to it without spending an attempt. `request` names what the job
+/// sends (a batch, a cleanup chunk), so it is the same each time the job comes back, even as a
+/// new job after a resume.
+async fn admit(airtable: &Airtable, request: &str) -> Result<(), JobError> {
+    match airtable.admit_reserving(request).await {
         Ok(Admission::Admitted) => Ok(()),
         Ok(Admission::WaitUntil(until_ms)) => Err(JobError::defer_until(
             format!(
@@ -529,7 +531,11 @@ async fn sync_batch(
         return Ok(());
     }
     let airtable = airtable(deps)?;
-    admit(airtable).await?;
+    let request = format!(
+        "daily_sync:{}:{}:{}",
+        job.campaign_id, job.table_no, job.batch_no
+    );
+    admit(airtable, &request).await?;
     let fields: Vec<Map<String, Value>> = records.iter().map(sync_fields).collect();
     let table = table_name(job.table_no);
     match airtable
@@ -688,7 +694,18 @@ pub async fn run_airtable_cleanup(
         )));
     }
     let airtable = airtable(deps)?;
-    admit(airtable).await?;
+    // Cleanup chunks never share a record, so the first record names the chunk.
+    let request = format!(
+        "airtable_cleanup:{}:{}:{}:{}",
+        match job.action {
+            CleanupAction::Unfollow => "unfollow",
+            CleanupAction::Delete => "delete",
+        },
+        job.table_no,
+        job.records[0].profile_id,
+        job.records.len()
+    );
+    admit(airtable, &request).await?;
     let table = table_name(job.table_no);
     let outcome = match job.action {
         CleanupAction::Unfollow => {

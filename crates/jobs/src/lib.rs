@@ -12,6 +12,7 @@ pub mod durable;
 pub mod http;
 pub mod registry;
 pub mod relay;
+pub mod sequences;
 pub mod whatsapp;
 
 pub use registry::{JobType, job_type, job_types};
@@ -32,6 +33,9 @@ pub struct Deps {
     /// WhatsApp's client and fleet-wide send rate limiter, for the message campaigns' send
     /// steps. `None` when not configured: those jobs then retry with a reason.
     pub whatsapp: Option<std::sync::Arc<whatsapp::WhatsApp>>,
+    /// The channel connectors (email, LinkedIn, Instagram) for sequences' action steps. `None`
+    /// or a channel missing: those steps retry with a reason. WhatsApp steps use `whatsapp`.
+    pub sequences: Option<std::sync::Arc<sequences::Connectors>>,
 }
 
 impl Deps {
@@ -44,6 +48,7 @@ impl Deps {
             airtable: None,
             voice: None,
             whatsapp: None,
+            sequences: None,
         }
     }
 
@@ -54,6 +59,11 @@ impl Deps {
 
     pub fn with_whatsapp(mut self, whatsapp: whatsapp::WhatsApp) -> Self {
         self.whatsapp = Some(std::sync::Arc::new(whatsapp));
+        self
+    }
+
+    pub fn with_sequence_connectors(mut self, connectors: sequences::Connectors) -> Self {
+        self.sequences = Some(std::sync::Arc::new(connectors));
         self
     }
 

@@ -10,6 +10,7 @@ use crate::builtin::{Noop, Probe};
 use crate::calls::{CallDispatch, ReleaseSlot};
 use crate::daily::{AirtableCleanup, DailyCleanup, DailyDistribute, DailySelect, DailySync};
 use crate::http::HttpJob;
+use crate::sequences::SequenceStep;
 use crate::whatsapp::WhatsAppSend;
 
 /// One job type: its queue, payload version, default attempt budget and timeout.
@@ -98,6 +99,11 @@ static TYPES: &[JobType] = &[
         "Diagnostic: records an effect row in Postgres (counting runs), optionally sleeping first.",
         true,
         validate_as::<Probe>,
+    ),
+    describe::<SequenceStep>(
+        "Multichannel sequences: run one step of one lead (action, delay or condition), recorded once per lead and step; actions obey the sequence's window and caps.",
+        false,
+        validate_as::<SequenceStep>,
     ),
     describe::<WhatsAppSend>(
         "WhatsApp campaign send step: one template message to one recipient, admitted by the fleet-wide rate limit of the tenant's sender number; recorded as attempting before the call.",

@@ -103,9 +103,17 @@ pub async fn reconcile(pool: &sqlx::PgPool, queues: &Client) -> Result<usize, Er
     Ok(republished)
 }
 
-/// The relay loop run inside every worker: publish while there is work, then poll.
+/// The Postgres channel a statement-level trigger on `outbox` notifies on every insert
+/// (delivered when the inserting transaction commits).
+pub const OUTBOX_CHANNEL: &str = "herald_outbox";
+
+/// The relay loop run inside every worker: publish while there is work, then wait for the
+/// outbox's notification (or `idle_poll`, whichever comes first), so a committed row reaches
+/// Redis within milliseconds instead of a poll interval. The listener holds one connection of
+/// its own, outside `pool`; without it (Postgres unreachable) the loop simply polls.
 pub async fn run_relay(pool: sqlx::PgPool, queues: Client, idle_poll: Duration) {
     let mut failures = 0u32;
+    let mut listener: Option<sqlx::postgres::PgListener> = None;
     loop {
         match relay_once(&pool, &queues).await {
             Ok(n) if n > 0 => {
@@ -119,7 +127,42 @@ pub async fn run_relay(pool: sqlx::PgPool, queues: Client, idle_poll: Duration) 
             }
         }
         let pause = idle_poll * (1 + failures.min(10));
-        tokio::time::sleep(pause).await;
+        if listener.is_none() && failures == 0 {
+            listener = listen(&pool).await;
+        }
+        match listener.as_mut() {
+            Some(l) => match tokio::time::timeout(pause, l.try_recv()).await {
+                // A notification, or the connection was lost and re-made: look again.
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "outbox listener failed; polling meanwhile");
+                    listener = None;
+                }
+                Err(_) => {}
+            },
+            None => tokio::time::sleep(pause).await,
+        }
+    }
+}
+
+async fn listen(pool: &sqlx::PgPool) -> Option<sqlx::postgres::PgListener> {
+    let options = pool.connect_options().as_ref().clone();
+    let own = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(options);
+    let mut listener = match sqlx::postgres::PgListener::connect_with(&own).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(error = %e, "outbox listener unavailable; polling");
+            return None;
+        }
+    };
+    match listener.listen(OUTBOX_CHANNEL).await {
+        Ok(()) => Some(listener),
+        Err(e) => {
+            tracing::debug!(error = %e, "LISTEN failed; polling");
+            None
+        }
     }
 }
 

@@ -116,6 +116,24 @@ impl WhatsApp {
         Ok(Self::new(http, settings, limiter))
     }
 
+    /// Sends one template message from the tenant's account, outside any campaign (a
+    /// sequence's `whatsapp_send` step); the caller records the attempt first.
+    pub(crate) async fn send_from(
+        &self,
+        settings: &messages::WhatsAppSettings,
+        message: &TemplateMessage,
+    ) -> Result<String, meta::Error> {
+        let account = Account {
+            api_url: settings
+                .api_url
+                .clone()
+                .unwrap_or_else(|| self.default_api_url.clone()),
+            token: SecretString::from(settings.token.clone()),
+            phone_number_id: settings.phone_number_id.clone(),
+        };
+        self.client.send_template(&account, message).await
+    }
+
     /// The rate limit of one tenant's sender number at `rate_per_sec`.
     fn sender_key(
         &self,

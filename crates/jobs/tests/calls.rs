@@ -607,3 +607,54 @@ async fn a_lost_webhook_frees_its_slot_when_the_lease_runs_out(pool: PgPool) {
     );
     assert_eq!(world.slots_in_use().await, 0);
 }
+
+/// Several workers may run the tenant's dispatch jobs at once and offer the same call: the slot
+/// id is the call's, so one run acquires it and the other finds it held. Whichever run loses
+/// the `dialing` write must leave the slot to the call that holds it.
+#[sqlx::test(migrator = "herald_store::MIGRATOR")]
+async fn concurrent_dispatch_runs_never_free_a_slot_a_call_holds(pool: PgPool) {
+    let config = VapiFakeConfig {
+        talk: Duration::from_millis(30)..=Duration::from_millis(90),
+        concurrency_limit: 50,
+        ..VapiFakeConfig::default()
+    };
+    let world = world(pool, config, 4, Duration::from_secs(600)).await;
+    let (first, last) = open_window();
+    const PER_USER: u64 = 15;
+    for u in 0..3u64 {
+        let user = world.user(&format!("user {u}"), 2).await;
+        let contacts = world.contacts(u * 1_000, PER_USER, |_| true).await;
+        world.campaign(user, &contacts, first, last, -1).await;
+    }
+    let mut attempts = HashMap::new();
+    let started = Instant::now();
+    while world.live_calls().await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{:?}",
+            world.fake.state().stats()
+        );
+        let run = || calls::run_dispatch(&world.deps, world.tenant, Utc::now());
+        let (a, b, c, d) = tokio::join!(run(), run(), run(), run());
+        for result in [a, b, c, d] {
+            result.unwrap();
+        }
+        world.run_due(&mut attempts).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while world.run_due(&mut attempts).await > 0 {}
+    let stats = world.fake.state().stats();
+    assert_eq!(stats.calls_created, 3 * PER_USER, "{stats:?}");
+    assert!(stats.max_active <= 4, "{stats:?}");
+    assert!(
+        stats.max_active_by_group.values().all(|&n| n <= 2),
+        "{stats:?}"
+    );
+    assert_eq!(
+        world
+            .count("select count(*) from calls where tenant_id = $1 and attempts = 1")
+            .await,
+        (3 * PER_USER) as i64
+    );
+    assert_eq!(world.slots_in_use().await, 0);
+}

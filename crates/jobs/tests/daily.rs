@@ -67,6 +67,7 @@ fn deps(pool: &PgPool, airtable: Option<Airtable>) -> Deps {
         airtable: airtable.map(Arc::new),
         voice: None,
         whatsapp: None,
+        sequences: None,
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,8 @@ pub struct HeraldLayer {
     backoff: Backoff,
     slots: Arc<tokio::sync::Semaphore>,
     stopping: Arc<AtomicBool>,
+    /// Moving average of run times in µs, read by the driver to size its prefetch.
+    run_us: Arc<AtomicU64>,
 }
 
 impl HeraldLayer {
@@ -37,6 +39,7 @@ impl HeraldLayer {
         backoff: Backoff,
         slots: Arc<tokio::sync::Semaphore>,
         stopping: Arc<AtomicBool>,
+        run_us: Arc<AtomicU64>,
     ) -> Self {
         Self {
             driver,
@@ -44,6 +47,7 @@ impl HeraldLayer {
             backoff,
             slots,
             stopping,
+            run_us,
         }
     }
 }
@@ -162,6 +166,7 @@ where
                     )
                 }
             };
+            record_run(&layer.run_us, started.elapsed());
             match &outcome {
                 Outcome::Completed => tracing::debug!(
                     elapsed_ms = started.elapsed().as_millis() as u64,
@@ -184,5 +189,34 @@ where
         }
         .instrument(span)
         .boxed()
+    }
+}
+
+/// Folds one run time into the moving average (weight 1/8; the first run sets it).
+fn record_run(average: &AtomicU64, took: Duration) {
+    let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    let _ = average.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+        Some(if old == u64::MAX {
+            took
+        } else {
+            old - old / 8 + took / 8
+        })
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_time_average_starts_at_the_first_run_and_follows_slowly() {
+        let avg = AtomicU64::new(u64::MAX);
+        record_run(&avg, Duration::from_micros(800));
+        assert_eq!(avg.load(Ordering::Relaxed), 800);
+        for _ in 0..40 {
+            record_run(&avg, Duration::from_millis(100));
+        }
+        let after = avg.load(Ordering::Relaxed);
+        assert!(after > 90_000 && after <= 100_000, "{after}");
     }
 }

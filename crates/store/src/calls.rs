@@ -593,21 +593,17 @@ pub async fn create_campaign(
     contact_ids: &[Uuid],
 ) -> Result<(Campaign, u64), Error> {
     let name = bounded_text("name", &campaign.name)?;
-    for (table, id, what) in [
-        ("call_users", campaign.user_id, "user"),
-        ("call_agents", campaign.agent_id, "agent"),
-    ] {
-        let exists: bool = sqlx::query_scalar(&format!(
-            "select exists (select 1 from {table} where tenant_id = $1 and id = $2)"
-        ))
-        .bind(tenant.0)
-        .bind(id)
-        .fetch_one(&mut *conn)
-        .await?;
-        if !exists {
-            return Err(Error::not_found(format!("{what} {id}")));
-        }
+    let exists: bool = sqlx::query_scalar(
+        "select exists (select 1 from call_users where tenant_id = $1 and id = $2)",
+    )
+    .bind(tenant.0)
+    .bind(campaign.user_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !exists {
+        return Err(Error::not_found(format!("user {}", campaign.user_id)));
     }
+    usable_agent(conn, tenant, campaign.agent_id).await?;
     let record: CampaignRecord = sqlx::query_as(&format!(
         "insert into call_campaigns (tenant_id, id, name, user_id, agent_id, next_action,
              first_call_time, last_call_time, time_zone, start_date)
@@ -712,8 +708,29 @@ pub async fn pause_campaign(
     transition(pool, tenant, id, "active", "paused", Some(reason)).await
 }
 
-/// Resumes a paused campaign. Returns `Conflict` when the campaign is not paused.
+/// Resumes a paused campaign. Returns `Conflict` when the campaign is not paused, or when its
+/// agent was removed (give it another agent first).
 pub async fn resume_campaign(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<Campaign, Error> {
+    let agent_removed: Option<bool> = sqlx::query_scalar(
+        "select a.removed_at is not null from call_campaigns c
+         join call_agents a on a.tenant_id = c.tenant_id and a.id = c.agent_id
+         where c.tenant_id = $1 and c.id = $2",
+    )
+    .bind(tenant.0)
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    match agent_removed {
+        None => return Err(Error::not_found(format!("call campaign {id}"))),
+        Some(true) => {
+            return Err(Error::Conflict {
+                what: format!(
+                    "call campaign {id} calls through a removed agent (set another agent_id first); it"
+                ),
+            });
+        }
+        Some(false) => {}
+    }
     transition(pool, tenant, id, "paused", "active", None).await
 }
 
@@ -811,6 +828,184 @@ pub async fn delete_campaign(pool: &PgPool, tenant: TenantId, id: Uuid) -> Resul
         .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// The settings of a campaign an update may change, all given: the caller merges the request
+/// with the current campaign and validates the window (as on create) before calling
+/// [`update_campaign`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CampaignEdit {
+    pub name: String,
+    pub agent_id: Uuid,
+    pub next_action: Option<String>,
+    pub first_call_time: NaiveTime,
+    pub last_call_time: NaiveTime,
+    pub time_zone: String,
+    pub start_date: NaiveDate,
+}
+
+/// The tenant's campaign `id`, locked until the caller's transaction ends, so an update reads
+/// and writes one version of it.
+pub async fn campaign_for_update(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<Campaign, Error> {
+    let record: Option<CampaignRecord> = sqlx::query_as(&format!(
+        "select {CAMPAIGN_COLUMNS} from call_campaigns where tenant_id = $1 and id = $2
+         for update"
+    ))
+    .bind(tenant.0)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    record
+        .ok_or_else(|| Error::not_found(format!("call campaign {id}")))?
+        .try_into()
+}
+
+/// Fails with `NotFound` unless `agent` is the tenant's and not removed.
+async fn usable_agent(conn: &mut PgConnection, tenant: TenantId, agent: Uuid) -> Result<(), Error> {
+    let usable: bool = sqlx::query_scalar(
+        "select exists (select 1 from call_agents
+                        where tenant_id = $1 and id = $2 and removed_at is null)",
+    )
+    .bind(tenant.0)
+    .bind(agent)
+    .fetch_one(&mut *conn)
+    .await?;
+    if usable {
+        Ok(())
+    } else {
+        Err(Error::not_found(format!("agent {agent}")))
+    }
+}
+
+/// Changes an active or paused campaign's settings (its queued calls follow the new window at
+/// the next dispatch). `Conflict` for a cancelled or completed campaign; `NotFound` for an agent
+/// that is not the tenant's or was removed.
+pub async fn update_campaign(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+    edit: &CampaignEdit,
+) -> Result<Campaign, Error> {
+    let name = bounded_text("name", &edit.name)?;
+    // A campaign keeps a removed agent until given another (it stays paused): only a new agent
+    // must be usable.
+    let current_agent: Option<Uuid> =
+        sqlx::query_scalar("select agent_id from call_campaigns where tenant_id = $1 and id = $2")
+            .bind(tenant.0)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if current_agent != Some(edit.agent_id) {
+        usable_agent(conn, tenant, edit.agent_id).await?;
+    }
+    let record: Option<CampaignRecord> = sqlx::query_as(&format!(
+        "update call_campaigns
+         set name = $3, agent_id = $4, next_action = $5, first_call_time = $6,
+             last_call_time = $7, time_zone = $8, start_date = $9, updated_at = now()
+         where tenant_id = $1 and id = $2 and status in ('active', 'paused')
+         returning {CAMPAIGN_COLUMNS}"
+    ))
+    .bind(tenant.0)
+    .bind(id)
+    .bind(name)
+    .bind(edit.agent_id)
+    .bind(edit.next_action.as_deref())
+    .bind(edit.first_call_time)
+    .bind(edit.last_call_time)
+    .bind(&edit.time_zone)
+    .bind(edit.start_date)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match record {
+        Some(record) => record.try_into(),
+        None => {
+            let current = campaign_for_update(conn, tenant, id).await?;
+            Err(Error::Conflict {
+                what: format!(
+                    "call campaign {id} is {}; it cannot be changed, and it",
+                    current.status.as_str()
+                ),
+            })
+        }
+    }
+}
+
+/// Deletes the tenant's contact and cancels its queued calls in every campaign (calls in
+/// progress finish; ended calls keep their record). Returns how many calls were cancelled;
+/// `NotFound` when the contact is not the tenant's.
+pub async fn delete_contact(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<u64, Error> {
+    let mut tx = pool.begin().await?;
+    let deleted = sqlx::query("delete from contacts where tenant_id = $1 and id = $2")
+        .bind(tenant.0)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if deleted == 0 {
+        return Err(Error::not_found(format!("contact {id}")));
+    }
+    let cancelled = sqlx::query(
+        "update calls set state = 'cancelled', outcome = 'cancelled',
+                          error = 'the contact was deleted', ended_at = now(), updated_at = now()
+         where tenant_id = $1 and contact_id = $2 and state = 'queued'",
+    )
+    .bind(tenant.0)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(cancelled)
+}
+
+/// What removing an agent did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentRemoval {
+    pub id: Uuid,
+    /// The active campaigns that used it, now paused with the reason.
+    pub paused_campaigns: Vec<Uuid>,
+}
+
+/// Removes the tenant's agent: it is kept for the campaigns and calls that name it but can no
+/// longer be used, and every active campaign using it is paused with the reason (its calls in
+/// progress finish). `NotFound` when the agent is not the tenant's or already removed.
+pub async fn remove_agent(
+    pool: &PgPool,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<AgentRemoval, Error> {
+    let mut tx = pool.begin().await?;
+    let name: Option<String> = sqlx::query_scalar(
+        "update call_agents set removed_at = now()
+         where tenant_id = $1 and id = $2 and removed_at is null
+         returning name",
+    )
+    .bind(tenant.0)
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(name) = name else {
+        return Err(Error::not_found(format!("agent {id}")));
+    };
+    let paused_campaigns: Vec<Uuid> = sqlx::query_scalar(
+        "update call_campaigns set status = 'paused', pause_reason = $3, updated_at = now()
+         where tenant_id = $1 and agent_id = $2 and status = 'active'
+         returning id",
+    )
+    .bind(tenant.0)
+    .bind(id)
+    .bind(format!("agent {name:?} ({id}) was removed"))
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(AgentRemoval {
+        id,
+        paused_campaigns,
+    })
 }
 
 /// A campaign's calls by state, and the average duration of the ones that ended with one.
@@ -934,7 +1129,7 @@ pub async fn next_call_per_user(
          join call_agents a on a.tenant_id = c.tenant_id and a.id = c.agent_id
          join call_users u on u.tenant_id = k.tenant_id and u.id = k.user_id
          where k.tenant_id = $1 and k.state = 'queued' and k.campaign_id = any($2)
-           and c.status = 'active'
+           and c.status = 'active' and a.removed_at is null
          order by k.user_id, k.priority, k.seq",
     )
     .bind(tenant.0)
@@ -960,6 +1155,18 @@ pub async fn mark_dialing(pool: &PgPool, tenant: TenantId, call: Uuid) -> Result
     .await?
     .rows_affected();
     Ok(updated == 1)
+}
+
+/// Whether the call holds a slot (dialing or in a call).
+pub async fn is_live(pool: &PgPool, tenant: TenantId, call: Uuid) -> Result<bool, Error> {
+    Ok(sqlx::query_scalar(
+        "select exists (select 1 from calls where tenant_id = $1 and id = $2
+                          and state in ('dialing', 'in_call'))",
+    )
+    .bind(tenant.0)
+    .bind(call)
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Records the provider's id for a call being dialled. A webhook may have ended the call first

@@ -16,6 +16,7 @@ pub mod outbox;
 pub mod probe;
 pub mod profiles;
 pub mod sends;
+pub mod sequences;
 pub mod tenants;
 mod tokens;
 

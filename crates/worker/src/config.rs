@@ -58,7 +58,7 @@ pub struct Args {
     pub lease_ms: u64,
 
     /// Most jobs fetched per Redis round trip.
-    #[arg(long, env = "HERALD_FETCH_BATCH", default_value_t = 100)]
+    #[arg(long, env = "HERALD_FETCH_BATCH", default_value_t = 200)]
     pub fetch_batch: usize,
 
     /// Jobs fetched per queue beyond --concurrency, waiting (leases renewed) for a free slot so
@@ -127,8 +127,9 @@ pub struct Args {
     #[arg(long, env = "HERALD_MAINTENANCE_EVERY_SECS", default_value_t = 600)]
     pub maintenance_every_secs: u64,
 
-    /// Finished outbox rows are deleted after this many seconds. Keep it at least the Redis
-    /// job-key retention (24 h), or a re-published row could run again.
+    /// Finished outbox rows are deleted after this many seconds. The Redis job-key retention
+    /// is raised to match when this is longer than its 24 h default, so a row the reconciler
+    /// re-publishes is always recognised as a duplicate.
     #[arg(long, env = "HERALD_OUTBOX_RETENTION_SECS", default_value_t = 86_400)]
     pub outbox_retention_secs: u64,
 
@@ -157,6 +158,7 @@ pub const HANDLED: &[&str] = &[
     "http",
     "noop",
     "probe",
+    "sequence_step",
     "whatsapp_send",
 ];
 

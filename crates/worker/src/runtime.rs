@@ -16,6 +16,7 @@ use herald_jobs::daily::{
 };
 use herald_jobs::durable::OutboxOutcomeLayer;
 use herald_jobs::http::{self, HttpJob};
+use herald_jobs::sequences::{self, SequenceStep};
 use herald_jobs::whatsapp::{self, WhatsApp, WhatsAppSend, WhatsAppSettings};
 use herald_queue::periodic::claim_period;
 use herald_queue::{Client, DrainHandle, QueueSettings, RedisBackend, RedisTarget, WorkerOptions};
@@ -89,6 +90,7 @@ fn serve_queue(ctx: QueueCtx, metrics: &mut Vec<QueueMetrics>) -> anyhow::Result
         "call_dispatch" => serve!(CallDispatch, calls::dispatch, ctx, metrics),
         "call_release_slot" => serve!(ReleaseSlot, calls::release_slot, ctx, metrics),
         "whatsapp_send" => serve!(WhatsAppSend, whatsapp::send, ctx, metrics),
+        "sequence_step" => serve!(SequenceStep, sequences::step, ctx, metrics),
         other => anyhow::bail!("queue {other:?} has no handler in this herald-worker build"),
     })
 }
@@ -157,9 +159,11 @@ pub async fn run(
     let target = RedisTarget::parse(&args.redis_url).context("REDIS_URL")?;
     let settings = QueueSettings {
         namespace: args.namespace.clone(),
+        // A finished job's key must outlive its outbox row: while the row exists the
+        // reconciler may re-publish it, and the key is what makes that a duplicate.
         key_retention: QueueSettings::default()
             .key_retention
-            .min(Duration::from_secs(args.outbox_retention_secs.max(1))),
+            .max(Duration::from_secs(args.outbox_retention_secs)),
         ..QueueSettings::default()
     };
     let client = Client::connect(target, settings)

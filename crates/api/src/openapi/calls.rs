@@ -77,12 +77,31 @@ pub(super) fn paths() -> Value {
             "requestBody": json_body("CallAgentRequest"),
             "responses": write_errors(json!({"201": json_response("The agent.", "CallAgent")}))
         }},
+        "/v1/agents/{id}": {"delete": {
+            "summary": "Remove an agent: no campaign may use it any more; every active campaign using it is paused, with the reason in its pause_reason (calls in progress finish). Such a campaign resumes once given another agent_id.",
+            "parameters": [param("id", "path", "An agent id.", json!({"type": "string", "format": "uuid"})), idempotency_param()],
+            "responses": tenant_only(json!({
+                "200": json_response("Removed, and the campaigns paused.", "CallAgentRemoved"),
+                "404": error_response("No such agent for this tenant (or already removed).")
+            }))
+        }},
+        "/v1/contacts/{id}": {"delete": {
+            "summary": "Delete a contact; its queued calls in every campaign are cancelled (calls in progress finish).",
+            "parameters": [param("id", "path", "A contact id.", json!({"type": "string", "format": "uuid"})), idempotency_param()],
+            "responses": tenant_only(json!({
+                "200": json_response("Deleted.", "ContactDeleted"),
+                "404": error_response("No such contact for this tenant.")
+            }))
+        }},
         "/v1/contacts": {"post": {
             "summary": "Store contacts (phone in E.164, optional name, other fields kept as call context). Bad rows are reported with their line and column and never block good ones.",
             "parameters": [idempotency_param()],
             "requestBody": {"required": true, "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/ContactsUpload"}},
-                "text/csv": {"schema": {"type": "string", "description": "A header naming phone (and optionally name; other columns become context)."}}
+                "text/csv": {"schema": {"type": "string", "description": "A header naming phone (and optionally name; other columns become context)."}},
+                "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "The CSV (or a JSON file of the application/json shape)."}
+                }}}
             }},
             "responses": write_errors(json!({"200": json_response("What was stored and refused.", "ContactsReport")}))
         }},
@@ -111,9 +130,18 @@ pub(super) fn paths() -> Value {
             }
         },
         "/v1/call-campaigns:upload": {"post": {
-            "summary": "Create a call campaign from a CSV of contacts (text/csv body, settings in the query). Row-level report; bad rows never block good ones; a body that is not CSV or is too big is 400 and nothing is written.",
+            "summary": "Create a call campaign from a CSV of contacts: a text/csv body with the settings in the query, or a multipart form with the settings as fields (or in the query) and the CSV in a part named file. Row-level report; bad rows never block good ones; a file that is not CSV or is too big is 400 and nothing is written.",
             "parameters": upload_params,
-            "requestBody": {"required": true, "content": {"text/csv": {"schema": {"type": "string"}}}},
+            "requestBody": {"required": true, "content": {
+                "text/csv": {"schema": {"type": "string"}},
+                "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "name": {"type": "string"}, "user_id": {"type": "string", "format": "uuid"},
+                    "agent_id": {"type": "string", "format": "uuid"}, "next_action": {"type": "string"},
+                    "first_call_time": {"type": "string"}, "last_call_time": {"type": "string"},
+                    "time_zone": {"type": "string"}, "start_date": {"type": "string", "format": "date"}
+                }}}
+            }},
             "responses": write_errors(json!({
                 "201": json_response("The campaign, the calls queued and the refused rows.", "CallCampaignCreated"),
                 "404": error_response("A user or agent that is not the tenant's.")
@@ -134,6 +162,16 @@ pub(super) fn paths() -> Value {
                 "responses": tenant_only(json!({
                     "200": json_response("The campaign.", "CallCampaignEnvelope"),
                     "404": error_response("No such campaign for this tenant.")
+                }))
+            },
+            "patch": {
+                "summary": "Change an active or paused campaign: name, agent, next action, calling window, time zone, start date (validated as on create; absent fields keep their value, next_action null clears it). An active campaign is dispatched again at once.",
+                "parameters": [campaign_param(), idempotency_param()],
+                "requestBody": json_body("CallCampaignPatch"),
+                "responses": write_errors(json!({
+                    "200": json_response("The campaign.", "CallCampaignEnvelope"),
+                    "404": error_response("No such campaign, or an agent that is not the tenant's or was removed."),
+                    "409": error_response("The campaign is cancelled or completed.")
                 }))
             },
             "delete": {
@@ -222,6 +260,22 @@ pub(super) fn schemas() -> Value {
                 "start_date": {"type": "string", "format": "date"}
             }
         },
+        "CallCampaignPatch": {"type": "object", "additionalProperties": false, "properties": {
+            "name": {"type": "string"}, "agent_id": {"type": "string", "format": "uuid"},
+            "next_action": {"type": "string", "nullable": true},
+            "first_call_time": {"type": "string", "example": "09:00"},
+            "last_call_time": {"type": "string", "example": "18:00"},
+            "time_zone": {"type": "string", "example": "Europe/London"},
+            "start_date": {"type": "string", "format": "date"}
+        }},
+        "CallAgentRemoved": {"type": "object", "properties": {
+            "id": {"type": "string", "format": "uuid"}, "removed": {"type": "boolean"},
+            "paused_campaigns": {"type": "array", "items": {"type": "string", "format": "uuid"}}
+        }},
+        "ContactDeleted": {"type": "object", "properties": {
+            "id": {"type": "string", "format": "uuid"}, "deleted": {"type": "boolean"},
+            "cancelled_calls": {"type": "integer"}
+        }},
         "CallCampaign": {"type": "object", "properties": {
             "id": {"type": "string", "format": "uuid"}, "name": {"type": "string"},
             "user_id": {"type": "string", "format": "uuid"}, "agent_id": {"type": "string", "format": "uuid"},

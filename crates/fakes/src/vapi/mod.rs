@@ -92,6 +92,18 @@ pub struct PlacedCall {
     pub ended: bool,
     pub duration_ms: u64,
     pub ended_reason: String,
+    /// When the fake accepted the call, in microseconds since the Unix epoch.
+    pub placed_at_us: u64,
+    /// When the call ended (its slot freed, its webhooks about to go), likewise.
+    pub ended_at_us: Option<u64>,
+}
+
+/// Now, in microseconds since the Unix epoch: the timeline of placed and ended calls, which a
+/// benchmark in the same process compares with its own instants.
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// The fake's counters.
@@ -268,6 +280,8 @@ impl VapiFakeState {
             ended: false,
             duration_ms: talk_ms,
             ended_reason: reason.to_owned(),
+            placed_at_us: unix_micros(),
+            ended_at_us: None,
         };
         inner.stats.calls_created += 1;
         inner.stats.active += 1;
@@ -294,6 +308,7 @@ impl VapiFakeState {
             return None;
         }
         call.ended = true;
+        call.ended_at_us = Some(unix_micros());
         let call = call.clone();
         let group = call
             .metadata

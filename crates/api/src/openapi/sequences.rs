@@ -1,0 +1,161 @@
+//! The multichannel sequences' part of the OpenAPI document (paths and schemas), merged into
+//! [`super::document`].
+
+use serde_json::{Value, json};
+
+use super::{error_response, idempotency_param, json_body, json_response, param, tenant_only};
+
+fn sequence_param() -> Value {
+    param(
+        "id",
+        "path",
+        "A sequence id, as returned by POST /v1/sequences.",
+        json!({"type": "string", "format": "uuid"}),
+    )
+}
+
+fn action(summary: &str) -> Value {
+    json!({"post": {
+        "summary": summary,
+        "parameters": [sequence_param(), idempotency_param()],
+        "responses": tenant_only(json!({
+            "200": json_response("The sequence and its stats.", "Sequence"),
+            "404": error_response("No such sequence for this tenant."),
+            "409": error_response("The sequence is not in a state that allows it.")
+        }))
+    }})
+}
+
+pub(super) fn paths() -> Value {
+    json!({
+        "/v1/sequences": {
+            "post": {
+                "summary": "Create a draft sequence: ordered steps and sending rules, validated now (and again before each step runs). Message templates may use {{first_name}}, {{last_name}}, {{company_name}}, {{title}}, {{email}}, {{phone}}, {{linkedin_url}}, {{instagram_handle}}.",
+                "parameters": [idempotency_param()],
+                "requestBody": json_body("SequenceRequest"),
+                "responses": tenant_only(json!({
+                    "201": json_response("The draft sequence.", "Sequence"),
+                    "400": error_response("Malformed JSON."),
+                    "415": error_response("Content-Type is not application/json."),
+                    "422": error_response("A step or rule is wrong: error.field is its path (steps[2].subject, rules.caps[0].daily) and the message names the step's index and type.")
+                }))
+            },
+            "get": {
+                "summary": "The tenant's sequences, newest first.",
+                "responses": tenant_only(json!({"200": json_response("The sequences.", "SequenceList")}))
+            }
+        },
+        "/v1/sequences/{id}": {"get": {
+            "summary": "One sequence with its stats.",
+            "parameters": [sequence_param()],
+            "responses": tenant_only(json!({
+                "200": json_response("The sequence.", "Sequence"),
+                "404": error_response("No such sequence for this tenant.")
+            }))
+        }},
+        "/v1/sequences/{id}/stats": {"get": {
+            "summary": "Leads by state; per step: executed, yes/no for conditions, sends by status (sent, delivered, failed, unknown…); leads per signal (replied, connected, opened, clicked).",
+            "parameters": [sequence_param()],
+            "responses": tenant_only(json!({
+                "200": json_response("The counts.", "SequenceStats"),
+                "404": error_response("No such sequence for this tenant.")
+            }))
+        }},
+        "/v1/sequences/{id}/leads": {"post": {
+            "summary": "Add leads (JSON). A lead already in the sequence (same external_id) is skipped. In an active sequence each new lead starts at once.",
+            "parameters": [sequence_param(), idempotency_param()],
+            "requestBody": json_body("LeadsRequest"),
+            "responses": tenant_only(json!({
+                "201": json_response("The new leads' ids and the duplicates skipped.", "AddedLeads"),
+                "400": error_response("Malformed JSON."),
+                "404": error_response("No such sequence for this tenant."),
+                "409": error_response("The sequence is stopped."),
+                "415": error_response("Content-Type is not application/json."),
+                "422": error_response("A lead field is unknown or not a string, or a lead lacks the address a step's channel needs (error.field: leads[3].email).")
+            }))
+        }},
+        "/v1/sequences/{id}/start": action("Start a draft (or resume a paused) sequence: every active lead's current step is scheduled."),
+        "/v1/sequences/{id}/pause": action("Pause: step jobs end without acting; start resumes each lead at its step."),
+        "/v1/sequences/{id}/stop": action("Stop for good: active leads become stopped."),
+        "/v1/sequences/{id}/leads/{lead_id}": {"get": {
+            "summary": "One lead: state, current step, its executed steps (activities with their sends' statuses) and the signals received.",
+            "parameters": [sequence_param(), param("lead_id", "path", "A lead id, as returned when the lead was added.", json!({"type": "string", "format": "uuid"}))],
+            "responses": tenant_only(json!({
+                "200": json_response("The lead's timeline.", "LeadTimeline"),
+                "404": error_response("No such lead in this tenant's sequence.")
+            }))
+        }},
+        "/v1/webhooks/sequences/{tenant_id}": {"post": {
+            "summary": "Inbound events about a lead ({lead_id, event: replied|opened|clicked|connected}), signed with X-Herald-Signature: sha256=<hex HMAC-SHA256 of the raw body with the tenant's HMAC secret>. A reply stops the lead's sequence; a repeated event changes nothing.",
+            "security": [],
+            "parameters": [
+                param("tenant_id", "path", "The tenant the lead belongs to.", json!({"type": "string", "format": "uuid"})),
+                param("X-Herald-Signature", "header", "sha256=<hex HMAC>", json!({"type": "string"}))
+            ],
+            "requestBody": json_body("SequenceEvent"),
+            "responses": {
+                "200": json_response("Recorded (new: false for a repeat).", "SequenceEventOutcome"),
+                "400": error_response("A signed body that is not JSON."),
+                "401": error_response("Missing or invalid signature: nothing changed."),
+                "404": error_response("No such lead for this tenant."),
+                "422": error_response("lead_id or event is wrong.")
+            }
+        }}
+    })
+}
+
+pub(super) fn schemas() -> Value {
+    json!({
+        "SequenceRequest": {"type": "object", "required": ["name", "steps"], "additionalProperties": false, "properties": {
+            "name": {"type": "string"},
+            "steps": {"type": "array", "minItems": 1, "maxItems": 100, "items": {"type": "object", "required": ["type"], "description": "email_send {subject, body}; email_followup {body}; whatsapp_send {template, language, params?}; linkedin_visit; linkedin_connect {note?}; linkedin_message {message}; linkedin_follow; instagram_dm {message}; instagram_follow; instagram_like; delay {days?, hours?}; condition {if: connected|replied|opened|clicked, yes, no} (later step indexes; the step count ends the sequence). voice_agent_call and lead_generation are refused for now.", "properties": {"type": {"type": "string"}}}},
+            "rules": {"type": "object", "additionalProperties": false, "properties": {
+                "time_zone": {"type": "string", "default": "UTC"},
+                "window": {"type": "object", "properties": {"start": {"type": "string", "example": "09:00"}, "end": {"type": "string", "example": "18:00"}}},
+                "caps": {"type": "array", "items": {"type": "object", "required": ["action"], "properties": {
+                    "action": {"type": "string", "description": "An action step type (linkedin_connect) or a channel (linkedin)."},
+                    "daily": {"type": "integer", "minimum": 1}, "weekly": {"type": "integer", "minimum": 1}
+                }}},
+                "jitter_secs": {"type": "object", "properties": {"min": {"type": "integer", "minimum": 0}, "max": {"type": "integer", "maximum": 86400}}}
+            }},
+            "senders": {"type": "object", "additionalProperties": {"type": "string"}, "description": "Channel → sender account name (default: default). Caps count per sender account."}
+        }},
+        "Sequence": {"type": "object", "properties": {
+            "id": {"type": "string", "format": "uuid"}, "name": {"type": "string"},
+            "status": {"type": "string", "enum": ["draft", "active", "paused", "stopped"]},
+            "steps": {"type": "array", "items": {"type": "object"}}, "rules": {"type": "object"},
+            "senders": {"type": "object", "additionalProperties": {"type": "string"}},
+            "stats": {"$ref": "#/components/schemas/SequenceStats"},
+            "created_at": {"type": "string", "format": "date-time"}, "updated_at": {"type": "string", "format": "date-time"},
+            "started_at": {"type": "string", "format": "date-time", "nullable": true}
+        }},
+        "SequenceList": {"type": "object", "properties": {"sequences": {"type": "array", "items": {"$ref": "#/components/schemas/Sequence"}}}},
+        "SequenceStats": {"type": "object", "properties": {
+            "leads": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "active, stopped, replied, completed, failed."},
+            "steps": {"type": "array", "items": {"type": "object", "properties": {
+                "step": {"type": "integer"}, "step_type": {"type": "string"}, "executed": {"type": "integer"},
+                "yes": {"type": "integer"}, "no": {"type": "integer"},
+                "sends": {"type": "object", "additionalProperties": {"type": "integer"}}
+            }}},
+            "signals": {"type": "object", "additionalProperties": {"type": "integer"}}
+        }},
+        "LeadsRequest": {"type": "object", "required": ["leads"], "additionalProperties": false, "properties": {"leads": {"type": "array", "items": {"type": "object", "additionalProperties": {"type": "string"}, "description": "external_id and the template variables."}}}},
+        "AddedLeads": {"type": "object", "properties": {"added": {"type": "array", "items": {"type": "string", "format": "uuid"}}, "duplicates": {"type": "integer"}}},
+        "LeadTimeline": {"type": "object", "properties": {
+            "id": {"type": "string", "format": "uuid"}, "state": {"type": "string", "enum": ["active", "stopped", "replied", "completed", "failed"]},
+            "current_step": {"type": "integer"}, "next_run_at": {"type": "string", "format": "date-time", "nullable": true},
+            "error": {"type": "string", "nullable": true}, "variables": {"type": "object"},
+            "activities": {"type": "array", "items": {"type": "object", "properties": {
+                "step": {"type": "integer"}, "step_type": {"type": "string"}, "channel": {"type": "string", "nullable": true},
+                "outcome": {"type": "string", "enum": ["executed", "waited", "yes", "no"]},
+                "send_id": {"type": "string", "nullable": true}, "send_status": {"type": "string", "nullable": true},
+                "provider_message_id": {"type": "string", "nullable": true}, "at": {"type": "string", "format": "date-time"}
+            }}},
+            "signals": {"type": "array", "items": {"type": "object", "properties": {"signal": {"type": "string"}, "at": {"type": "string", "format": "date-time"}}}}
+        }},
+        "SequenceEvent": {"type": "object", "required": ["lead_id", "event"], "additionalProperties": false, "properties": {
+            "lead_id": {"type": "string", "format": "uuid"}, "event": {"type": "string", "enum": ["replied", "opened", "clicked", "connected"]}
+        }},
+        "SequenceEventOutcome": {"type": "object", "properties": {"lead_id": {"type": "string"}, "event": {"type": "string"}, "new": {"type": "boolean"}}}
+    })
+}

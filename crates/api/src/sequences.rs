@@ -1,0 +1,319 @@
+//! Multichannel sequences over HTTP: create (steps and sending rules validated: a 422 names the
+//! step and the field), list, get, add leads, start, pause, stop, stats, a lead's timeline, and
+//! the signed inbound webhook that records replies, opens, clicks and connections.
+//!
+//! Tenant routes act on the tenant's own sequences (an ops token is 403, another tenant's 404).
+//! The webhook is public but must carry `X-Herald-Signature: sha256=<hex>`, the HMAC-SHA256 of
+//! the raw body with the tenant's HMAC secret (the one herald signs its http jobs with): without
+//! a valid one nothing changes (401).
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use herald_connectors::whatsapp::verify_signature;
+use herald_core::TenantId;
+use herald_store::sequences::steps::{self, Channel, Signal};
+use herald_store::sequences::{self, NewLead, NewSequence, Sequence};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::extract::{JsonBody, Params};
+use crate::{ApiError, AppState};
+
+/// The header carrying the inbound webhook's signature.
+pub const SIGNATURE_HEADER: &str = "x-herald-signature";
+
+fn object<'a>(body: &'a Value, allowed: &[&str]) -> Result<&'a Map<String, Value>, ApiError> {
+    let map = body
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("(body)", "must be a JSON object"))?;
+    if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::invalid(
+            unknown.clone(),
+            format!("unknown field; expected {}", allowed.join(", ")),
+        ));
+    }
+    Ok(map)
+}
+
+fn path_id(id: &str, what: &str) -> Result<Uuid, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::not_found(format!("{what} {id:?}")))
+}
+
+/// `POST /v1/sequences` `{"name", "steps": [...], "rules"?, "senders"?}` → 201, a draft.
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant()?;
+    let map = object(&body, &["name", "steps", "rules", "senders"])?;
+    let name = map
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid("name", "is required (a string)"))?;
+    let steps = steps::parse_steps(map.get("steps").unwrap_or(&Value::Null))
+        .map_err(|e| ApiError::invalid(e.path(), e.to_string()))?;
+    let rules = steps::parse_rules(map.get("rules"))
+        .map_err(|e| ApiError::invalid(e.field.clone(), e.to_string()))?;
+    let mut senders = BTreeMap::new();
+    if let Some(value) = map.get("senders").filter(|v| !v.is_null()) {
+        let items = value
+            .as_object()
+            .ok_or_else(|| ApiError::invalid("senders", "must map a channel to an account name"))?;
+        for (channel, account) in items {
+            let field = format!("senders.{channel}");
+            let channel = Channel::parse(channel).ok_or_else(|| {
+                ApiError::invalid(
+                    field.clone(),
+                    "is not a channel (email, linkedin, instagram, whatsapp)",
+                )
+            })?;
+            let account = account
+                .as_str()
+                .ok_or_else(|| ApiError::invalid(field, "must be a string"))?;
+            senders.insert(channel, account.to_owned());
+        }
+    }
+    let sequence = sequences::create(
+        state.pool(),
+        tenant,
+        &NewSequence {
+            name: name.to_owned(),
+            steps,
+            rules,
+            senders,
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(json!(sequence))).into_response())
+}
+
+/// `GET /v1/sequences`: the tenant's sequences, newest first (at most 500).
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let list = sequences::list(state.pool(), tenant, 500).await?;
+    Ok(Json(json!({ "sequences": list })))
+}
+
+async fn view(state: &AppState, tenant: TenantId, sequence: &Sequence) -> Result<Value, ApiError> {
+    let stats = sequences::stats(state.pool(), tenant, sequence).await?;
+    let mut body = json!(sequence);
+    body["stats"] = json!(stats);
+    Ok(body)
+}
+
+/// `GET /v1/sequences/{id}`: the sequence and its stats.
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let sequence = sequences::get(state.pool(), tenant, path_id(&id, "sequence")?).await?;
+    Ok(Json(view(&state, tenant, &sequence).await?))
+}
+
+/// `GET /v1/sequences/{id}/stats`: leads by state, per-step counts, signals.
+pub async fn stats(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let sequence = sequences::get(state.pool(), tenant, path_id(&id, "sequence")?).await?;
+    Ok(Json(json!(
+        sequences::stats(state.pool(), tenant, &sequence).await?
+    )))
+}
+
+/// `POST /v1/sequences/{id}/leads` `{"leads": [{"external_id"?, "first_name", …}]}`: each lead's
+/// fields are [`steps::VARIABLES`]; a lead lacking the address a step's channel needs is 422.
+pub async fn add_leads(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant()?;
+    let id = path_id(&id, "sequence")?;
+    let sequence = sequences::get(state.pool(), tenant, id).await?;
+    let needed: Vec<&str> = sequence
+        .parsed_steps()
+        .map(|s| {
+            steps::channels(&s)
+                .into_iter()
+                .map(Channel::address_variable)
+                .collect()
+        })
+        .unwrap_or_default();
+    let map = object(&body, &["leads"])?;
+    let items = map
+        .get("leads")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::invalid("leads", "must be a list of objects"))?;
+    let mut leads = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let fields = item
+            .as_object()
+            .ok_or_else(|| ApiError::invalid(format!("leads[{i}]"), "must be an object"))?;
+        let mut lead = NewLead {
+            external_id: None,
+            variables: BTreeMap::new(),
+        };
+        for (key, value) in fields {
+            let field = format!("leads[{i}].{key}");
+            let text = value
+                .as_str()
+                .ok_or_else(|| ApiError::invalid(field.clone(), "must be a string"))?
+                .trim()
+                .to_owned();
+            if key == "external_id" {
+                lead.external_id = Some(text);
+            } else if steps::VARIABLES.contains(&key.as_str()) {
+                lead.variables.insert(key.clone(), text);
+            } else {
+                return Err(ApiError::invalid(
+                    field,
+                    format!(
+                        "unknown field; expected external_id, {}",
+                        steps::VARIABLES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(missing) = needed
+            .iter()
+            .find(|v| lead.variables.get(**v).is_none_or(|s| s.is_empty()))
+        {
+            return Err(ApiError::invalid(
+                format!("leads[{i}].{missing}"),
+                "is required by this sequence's steps",
+            ));
+        }
+        leads.push(lead);
+    }
+    let added = herald_jobs::sequences::add_leads(state.pool(), tenant, id, &leads).await?;
+    Ok((StatusCode::CREATED, Json(json!(added))).into_response())
+}
+
+async fn action(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    which: &str,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let id = path_id(&id, "sequence")?;
+    let pool = state.pool();
+    let sequence = match which {
+        "start" => herald_jobs::sequences::start(pool, tenant, id).await?,
+        "pause" => herald_jobs::sequences::pause(pool, tenant, id).await?,
+        _ => herald_jobs::sequences::stop(pool, tenant, id).await?,
+    };
+    Ok(Json(view(&state, tenant, &sequence).await?))
+}
+
+/// `POST /v1/sequences/{id}/start`: a draft or paused sequence becomes active; every active
+/// lead's current step job is written.
+pub async fn start(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    action(state, caller, id, "start").await
+}
+
+/// `POST /v1/sequences/{id}/pause`.
+pub async fn pause(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    action(state, caller, id, "pause").await
+}
+
+/// `POST /v1/sequences/{id}/stop`: final; active leads become stopped.
+pub async fn stop(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    action(state, caller, id, "stop").await
+}
+
+/// `GET /v1/sequences/{id}/leads/{lead_id}`: the lead, its executed steps and its signals.
+pub async fn lead_timeline(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params((id, lead_id)): Params<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let id = path_id(&id, "sequence")?;
+    let lead_id = path_id(&lead_id, "lead")?;
+    let lead = sequences::lead(state.pool(), tenant, lead_id).await?;
+    if lead.sequence_id != id {
+        return Err(ApiError::not_found(format!("lead {lead_id}")));
+    }
+    let timeline = sequences::timeline(state.pool(), tenant, lead_id).await?;
+    let signals = sequences::signals(state.pool(), tenant, lead_id).await?;
+    let mut body = json!(lead);
+    body["activities"] = json!(timeline);
+    body["signals"] = json!(
+        signals
+            .into_iter()
+            .map(|(signal, at)| json!({"signal": signal, "at": at}))
+            .collect::<Vec<_>>()
+    );
+    Ok(Json(body))
+}
+
+/// `POST /v1/webhooks/sequences/{tenant_id}` `{"lead_id", "event": "replied"|"opened"|
+/// "clicked"|"connected"}`, signed with `X-Herald-Signature`. A reply stops the lead.
+pub async fn inbound_webhook(
+    State(state): State<AppState>,
+    Params(tenant_id): Params<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let unauthorized = ApiError::Unauthorized("missing or invalid X-Herald-Signature");
+    let tenant = TenantId(
+        tenant_id
+            .parse()
+            .map_err(|_| ApiError::Unauthorized("missing or invalid X-Herald-Signature"))?,
+    );
+    let secret = match herald_store::tenants::hmac_secret(state.pool(), tenant).await {
+        Ok(secret) => secret,
+        Err(herald_store::Error::NotFound { .. }) => return Err(unauthorized),
+        Err(e) => return Err(e.into()),
+    };
+    let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
+    if !verify_signature(&secret, &body, signature) {
+        return Err(unauthorized);
+    }
+    let value: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let map = object(&value, &["lead_id", "event"])?;
+    let lead: Uuid = map
+        .get("lead_id")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ApiError::invalid("lead_id", "is required (a lead id)"))?;
+    let event = map.get("event").and_then(Value::as_str).unwrap_or_default();
+    let signal = Signal::parse(event).ok_or_else(|| {
+        ApiError::invalid(
+            "event",
+            "must be one of replied, opened, clicked, connected",
+        )
+    })?;
+    let new = herald_jobs::sequences::apply_signal(state.pool(), tenant, lead, signal).await?;
+    Ok(Json(
+        json!({"lead_id": lead, "event": signal.as_str(), "new": new}),
+    ))
+}
