@@ -6,6 +6,8 @@
 # Runs, one after another: herald at concurrency 1 and 50 (bulk enqueue + drain of JOBS no-op
 # jobs by one worker process), BullMQ the same (bench/bullmq/bench.mjs), then herald's idle
 # pickup latency. Prints a table and ends with `bench: <name> <value> <unit>` lines.
+# Retention is the same on both sides: BullMQ with removeOnComplete/removeOnFail true, herald
+# with no completed jobs kept (herald-bench --keep-completed 0); both keep dedupe state.
 set -euo pipefail
 
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."

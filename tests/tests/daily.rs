@@ -81,6 +81,9 @@ impl World {
             ("HERALD_AIRTABLE_BASE_RPS", "200".to_owned()),
             ("HERALD_AIRTABLE_TOKEN_RPS", "400".to_owned()),
             ("HERALD_AIRTABLE_LOCKOUT_MS", "300".to_owned()),
+            // A debug build on a busy machine wakes deferred jobs tens of milliseconds late; a
+            // wider margin gives their reserved slots a matching grace (margin × 1 s / 2).
+            ("HERALD_AIRTABLE_RATE_MARGIN", "0.2".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

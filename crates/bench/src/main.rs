@@ -49,6 +49,10 @@ struct Args {
     /// Jobs fetched ahead of a free slot (default: the worker's default).
     #[arg(long)]
     prefetch: Option<usize>,
+    /// Completed jobs kept for inspection. 0 (the default) deletes a job as it completes, like
+    /// the BullMQ peer's `removeOnComplete: true`; herald's own default is 10,000.
+    #[arg(long, default_value_t = 0)]
+    keep_completed: u64,
     /// Idle pickup samples to take after the drain (0 skips it).
     #[arg(long, default_value_t = 0)]
     idle_samples: usize,
@@ -97,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
     let namespace = format!("herald-bench-{}", uuid::Uuid::new_v4().simple());
     let settings = QueueSettings {
         namespace: namespace.clone(),
+        keep_completed: args.keep_completed,
         ..QueueSettings::default()
     };
     let target = RedisTarget::parse(&args.redis).context("--redis")?;

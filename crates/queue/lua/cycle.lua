@@ -21,6 +21,8 @@ local nacks = tonumber(ARGV[11])
 local results = {}
 -- Completed jobs leave the lease set and enter the done set in one call each, after the loop.
 local done_ids, done_zadd = {}, {}
+-- With no completed jobs kept, finished jobs leave the lease set and are deleted in batches.
+local lease_ids, gone_now = {}, {}
 for i = 0, nacks - 1 do
   local base = 12 + i * 5
   local id, token, kind, ms, err = ARGV[base], ARGV[base + 1], ARGV[base + 2], tonumber(ARGV[base + 3]), ARGV[base + 4]
@@ -30,7 +32,14 @@ for i = 0, nacks - 1 do
     results[#results + 1] = 0
   else
     local tenant = st[3]
-    if kind == 'ok' then
+    if kind == 'ok' and keep_count == 0 then
+      -- No completed jobs kept: the job goes at once (its dedupe key stays for its retention).
+      lease_ids[#lease_ids + 1] = id
+      gone_now[#gone_now + 1] = jk
+      tc_move(tenant, 'a', nil)
+      if st[4] and st[4] ~= '' then redis.call('PEXPIRE', st[4], key_ttl) end
+      results[#results + 1] = 1
+    elseif kind == 'ok' then
       done_ids[#done_ids + 1] = id
       done_zadd[#done_zadd + 1] = now
       done_zadd[#done_zadd + 1] = id
@@ -61,6 +70,14 @@ end
 if #done_ids > 0 then
   call_chunked('ZREM', K_LEASES, done_ids, 1)
   call_chunked('ZADD', K_DONE, done_zadd, 2)
+end
+if #lease_ids > 0 then
+  call_chunked('ZREM', K_LEASES, lease_ids, 1)
+  for i = 1, #gone_now, 1000 do
+    local j = i + 999
+    if j > #gone_now then j = #gone_now end
+    redis.call('UNLINK', unpack(gone_now, i, j))
+  end
 end
 
 -- 2. Leases that expired: the worker died or stalled. The delivery already counted as an

@@ -543,3 +543,38 @@ async fn prefetched_jobs_wait_for_a_slot_and_are_released_at_shutdown() {
         }
     }
 }
+
+#[tokio::test]
+async fn with_no_completed_jobs_kept_a_job_goes_at_once_but_its_key_stays() {
+    let settings = QueueSettings {
+        namespace: format!("test-{}", uuid::Uuid::new_v4().simple()),
+        keep_completed: 0,
+        ..QueueSettings::default()
+    };
+    let client = Client::connect(RedisTarget::parse(&redis_url()).unwrap(), settings)
+        .await
+        .unwrap();
+    let q = client.queue(&"work".parse().unwrap());
+    let t = TenantId::new();
+    let seen = Arc::new(Seen::default());
+    let first = q.enqueue(job(t, 1, "ok").key("once")).await.unwrap();
+    let w = spawn_worker(&q, options(), seen.clone());
+    wait_until("job done", Duration::from_secs(5), || async {
+        q.counts(None).await.unwrap().running == 0 && seen.runs.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    w.stop().await;
+    assert!(
+        q.job(&first.id).await.unwrap().is_none(),
+        "completed job kept"
+    );
+    let counts = q.counts(Some(t)).await.unwrap();
+    assert_eq!(
+        (counts.ready, counts.running, counts.completed),
+        (0, 0, 0),
+        "{counts:?}"
+    );
+    let again = q.enqueue(job(t, 2, "ok").key("once")).await.unwrap();
+    assert!(again.duplicate, "the key outlives the deleted job");
+    assert_eq!(again.id, first.id);
+}
