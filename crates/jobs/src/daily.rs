@@ -430,12 +430,15 @@ fn airtable(deps: &Deps) -> Result<&Airtable, JobError> {
     })
 }
 
-/// Asks the fleet-wide limiter for a request slot; a refusal reserves the named slot for
-/// `request` and defers the job to it without spending an attempt. `request` names what the job
-/// sends (a batch, a cleanup chunk), so it is the same each time the job comes back, even as a
-/// new job after a resume.
+/// Asks the fleet-wide limiter for a request slot; a refusal defers the job to the instant the
+/// limiter names without spending an attempt. `request` names what the job sends (a batch, a
+/// cleanup chunk). Reserving that slot for it (`Airtable::admit_reserving`) keeps later slots
+/// from drifting, but with a day's 1,440 batches deferred at once their wake-ups came back
+/// later than the reservation's grace and the run collapsed to a tenth of the rate (ADR 0007);
+/// until wake-ups are punctual at that fan-out the handlers use the plain admit.
 async fn admit(airtable: &Airtable, request: &str) -> Result<(), JobError> {
-    match airtable.admit_reserving(request).await {
+    tracing::trace!(request, "asking the Airtable rate limiter");
+    match airtable.admit().await {
         Ok(Admission::Admitted) => Ok(()),
         Ok(Admission::WaitUntil(until_ms)) => Err(JobError::defer_until(
             format!(
