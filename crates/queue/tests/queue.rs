@@ -578,3 +578,36 @@ async fn with_no_completed_jobs_kept_a_job_goes_at_once_but_its_key_stays() {
     assert!(again.duplicate, "the key outlives the deleted job");
     assert_eq!(again.id, first.id);
 }
+
+#[tokio::test]
+async fn a_periodic_job_is_enqueued_once_per_period_whatever_the_number_of_schedulers() {
+    use herald_queue::periodic::Periodic;
+    let client = client().await;
+    let q = client.queue(&"work".parse().unwrap());
+    let t = TenantId::new();
+    // Three schedulers (three workers) of the same every-minute job.
+    let schedulers: Vec<Periodic> = (0..3)
+        .map(|_| Periodic::new("tick", "0 * * * * *", q.clone(), job(t, 7, "ok")).unwrap())
+        .collect();
+    let period = chrono::DateTime::parse_from_rfc3339("2026-11-23T10:15:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let mut created = 0;
+    for s in &schedulers {
+        if s.enqueue_period(period).await.unwrap() {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 1, "one job for the period across the fleet");
+    let next = period + chrono::Duration::minutes(1);
+    let mut created_next = 0;
+    for s in &schedulers {
+        if s.enqueue_period(next).await.unwrap() {
+            created_next += 1;
+        }
+    }
+    assert_eq!(created_next, 1, "the next period gets its own job");
+    let counts = q.counts(Some(t)).await.unwrap();
+    assert_eq!(counts.ready + counts.delayed, 2, "{counts:?}");
+    assert!(Periodic::new("bad", "not cron", q.clone(), job(t, 1, "ok")).is_err());
+}
