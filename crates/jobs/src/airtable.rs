@@ -16,13 +16,8 @@ pub const DEFAULT_TOKEN_RPS: f64 = 50.0;
 /// How much slower than the provider's limit herald paces requests, as a fraction. Airtable
 /// counts requests in a sliding one-second window, so a margin `m` lets the delay between a
 /// request's slot and its arrival at Airtable vary by up to `m` × 1 s (20 ms at 0.02) without
-/// six requests ever falling in one window; half of that goes to waking up late
-/// ([`AirtableSettings::reservation_grace`]), half to the network. See
-/// docs/decisions/0007-limiter-reservations.md.
+/// six requests ever falling in one window. See docs/decisions/0007-limiter-reservations.md.
 pub const DEFAULT_RATE_MARGIN: f64 = 0.02;
-
-/// Airtable's window for its per-second limits.
-const RATE_WINDOW: Duration = Duration::from_secs(1);
 
 /// Where and how fast to talk to Airtable.
 #[derive(Clone, Debug)]
@@ -147,13 +142,6 @@ impl AirtableSettings {
     fn paced(&self, rps: f64) -> Result<Limit, SettingsError> {
         Ok(Limit::per_second(rps / (1.0 + self.rate_margin))?)
     }
-
-    /// How late after its reserved slot a job may come back and still send on it: half the
-    /// jitter the margin absorbs (10 ms at the default 0.02); the other half is left to the
-    /// network between admission and Airtable.
-    pub fn reservation_grace(&self) -> Duration {
-        RATE_WINDOW.mul_f64(self.rate_margin / 2.0)
-    }
 }
 
 /// Airtable for the handlers: the client and its admission keys. Cheap to clone.
@@ -164,7 +152,6 @@ pub struct Airtable {
     base_key: LimitKey,
     token_key: LimitKey,
     lockout: Duration,
-    reservation_grace: Duration,
 }
 
 impl Airtable {
@@ -198,7 +185,6 @@ impl Airtable {
             base_key,
             token_key,
             lockout: settings.lockout,
-            reservation_grace: settings.reservation_grace(),
         })
     }
 
@@ -223,22 +209,6 @@ impl Airtable {
     pub async fn admit(&self) -> Result<Admission, herald_admission::Error> {
         self.limiter
             .admit(&[self.base_key.clone(), self.token_key.clone()])
-            .await
-    }
-
-    /// As [`admit`](Self::admit), but a refusal reserves the slot it names for `request` (the
-    /// same name every time the job comes back), so a job that wakes a little late still sends
-    /// on its own slot and the slots after it keep their spacing. What the handlers use.
-    pub async fn admit_reserving(
-        &self,
-        request: &str,
-    ) -> Result<Admission, herald_admission::Error> {
-        self.limiter
-            .admit_reserving(
-                &[self.base_key.clone(), self.token_key.clone()],
-                request,
-                self.reservation_grace,
-            )
             .await
     }
 

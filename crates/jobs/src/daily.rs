@@ -431,11 +431,9 @@ fn airtable(deps: &Deps) -> Result<&Airtable, JobError> {
 }
 
 /// Asks the fleet-wide limiter for a request slot; a refusal defers the job to the instant the
-/// limiter names without spending an attempt. `request` names what the job sends (a batch, a
-/// cleanup chunk). Reserving that slot for it (`Airtable::admit_reserving`) keeps later slots
-/// from drifting, but with a day's 1,440 batches deferred at once their wake-ups came back
-/// later than the reservation's grace and the run collapsed to a tenth of the rate (ADR 0007);
-/// until wake-ups are punctual at that fan-out the handlers use the plain admit.
+/// limiter names without spending an attempt. (Reserving that slot keeps later slots from
+/// drifting, but collapsed a day's 1,440-batch fan-out: docs/decisions/0007.) `request` names
+/// what the job sends, for the trace.
 async fn admit(airtable: &Airtable, request: &str) -> Result<(), JobError> {
     tracing::trace!(request, "asking the Airtable rate limiter");
     match airtable.admit().await {

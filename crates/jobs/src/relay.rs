@@ -165,28 +165,3 @@ async fn listen(pool: &sqlx::PgPool) -> Option<sqlx::postgres::PgListener> {
         }
     }
 }
-
-/// The reconciler loop: every `every`, re-publish what Redis lost; prune old finished rows.
-pub async fn run_reconciler(
-    pool: sqlx::PgPool,
-    queues: Client,
-    every: Duration,
-    keep_finished: Duration,
-) {
-    loop {
-        tokio::time::sleep(every).await;
-        match reconcile(&pool, &queues).await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                republished = n,
-                "reconciler re-published jobs Redis had lost"
-            ),
-            Err(e) => tracing::warn!(error = %e, "reconciler failed; will retry"),
-        }
-        let cutoff = chrono::Utc::now()
-            - chrono::Duration::from_std(keep_finished).unwrap_or(chrono::Duration::days(1));
-        if let Err(e) = outbox::prune(&pool, cutoff).await {
-            tracing::warn!(error = %e, "outbox prune failed");
-        }
-    }
-}
