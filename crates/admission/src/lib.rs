@@ -63,6 +63,8 @@ pub const MAX_KEYS_PER_ADMIT: usize = 8;
 pub struct Limit {
     interval_us: u64,
     burst: u32,
+    /// Lateness forgiven, on top of the burst's tolerance ([`Limit::with_lateness`]).
+    lateness_us: u64,
 }
 
 impl Limit {
@@ -82,6 +84,7 @@ impl Limit {
         Ok(Self {
             interval_us: interval_us as u64,
             burst: 1,
+            lateness_us: 0,
         })
     }
 
@@ -94,6 +97,7 @@ impl Limit {
         Ok(Self {
             interval_us,
             burst: 1,
+            lateness_us: 0,
         })
     }
 
@@ -103,6 +107,31 @@ impl Limit {
             return Err(Error::InvalidLimit("burst must be at least 1".into()));
         }
         Ok(Self { burst, ..self })
+    }
+
+    /// Forgives a request up to `lateness` after its slot: the slots after it stay where they
+    /// were instead of moving back by its lateness, so a stream of deferred requests that each
+    /// come back a few milliseconds late keeps its pace. The price is that a request may be
+    /// admitted up to `lateness` before its slot, so `n` consecutive requests span at least
+    /// `(n − 1) × interval − lateness` (with burst 1). Keep it under the pacing margin's slack:
+    /// with a 5 req/s limit paced 2 % under it, six requests span at least 1.02 s − `lateness`.
+    pub fn with_lateness(self, lateness: Duration) -> Result<Self, Error> {
+        let lateness_us = u64::try_from(lateness.as_micros()).unwrap_or(u64::MAX);
+        if lateness_us >= self.interval_us {
+            return Err(Error::InvalidLimit(format!(
+                "lateness {lateness:?} must be shorter than the interval {:?}",
+                self.interval()
+            )));
+        }
+        Ok(Self {
+            lateness_us,
+            ..self
+        })
+    }
+
+    /// The lateness forgiven ([`Limit::with_lateness`]).
+    pub fn lateness(&self) -> Duration {
+        Duration::from_micros(self.lateness_us)
     }
 
     /// The average spacing between admitted requests.
@@ -117,6 +146,7 @@ impl Limit {
     fn tolerance_us(&self) -> u64 {
         self.interval_us
             .saturating_mul(u64::from(self.burst.saturating_sub(1)))
+            .saturating_add(self.lateness_us)
     }
 }
 
@@ -409,6 +439,18 @@ mod tests {
         assert!(Limit::per_second(5.0).unwrap().with_burst(0).is_err());
         let bursty = Limit::per_second(10.0).unwrap().with_burst(3).unwrap();
         assert_eq!(bursty.tolerance_us(), 200_000);
+        let forgiving = Limit::per_second(5.0)
+            .unwrap()
+            .with_lateness(Duration::from_millis(10))
+            .unwrap();
+        assert_eq!(forgiving.tolerance_us(), 10_000);
+        assert_eq!(forgiving.lateness(), Duration::from_millis(10));
+        assert!(
+            Limit::per_second(5.0)
+                .unwrap()
+                .with_lateness(Duration::from_millis(200))
+                .is_err()
+        );
     }
 
     #[test]

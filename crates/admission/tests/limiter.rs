@@ -316,6 +316,110 @@ async fn without_reservations_lateness_pushes_every_later_slot_back() {
     assert_eq!(now, t + 9 * 208);
 }
 
+/// Plain admission with a lateness allowance: callers that come back `late_by(round)` ms after
+/// the instant they were told keep the pace as long as they are at most the allowance late.
+async fn late_callers(
+    limiter: &RateLimiter,
+    key: &herald_admission::LimitKey,
+    rounds: usize,
+    late_by: impl Fn(usize) -> u64,
+) -> Vec<u64> {
+    let keys = std::slice::from_ref(key);
+    let t = 1_900_000_000_000u64;
+    let mut now = t;
+    let mut admitted = Vec::new();
+    for round in 0..rounds {
+        loop {
+            match limiter.admit_at(keys, now).await.unwrap() {
+                Admission::Admitted => break,
+                Admission::WaitUntil(at) => now = at + late_by(round),
+            }
+        }
+        admitted.push(now);
+    }
+    admitted
+}
+
+#[tokio::test]
+async fn a_lateness_allowance_keeps_the_pace_of_late_callers() {
+    let limiter = limiter().await;
+    // 5 req/s paced 2 % under it (a slot every 204 ms), 10 ms of lateness forgiven.
+    let limit = Limit::per_second(5.0 / 1.02)
+        .unwrap()
+        .with_lateness(Duration::from_millis(10))
+        .unwrap();
+    let base = limiter.key("base:app1", limit).unwrap();
+    // Every caller 8 ms late: without the allowance each slot moves 8 ms (the test above).
+    let admitted = late_callers(&limiter, &base, 30, |_| 8).await;
+    let t = admitted[0];
+    for (i, &at) in admitted.iter().enumerate() {
+        let slot = t + i as u64 * 204;
+        assert!(
+            at + 10 >= slot && at <= slot + 10,
+            "request {i} at +{} ms",
+            at - t
+        );
+    }
+    assert_eq!(max_in_any_window(&admitted, 1000), 5);
+}
+
+#[tokio::test]
+async fn lateness_beyond_the_allowance_moves_the_pace_by_the_excess_only() {
+    let limiter = limiter().await;
+    let limit = Limit::per_second(5.0)
+        .unwrap()
+        .with_lateness(Duration::from_millis(10))
+        .unwrap();
+    let base = limiter.key("base:app1", limit).unwrap();
+    // 25 ms late each time: 15 ms more than forgiven, so each slot moves 15 ms.
+    let admitted = late_callers(&limiter, &base, 10, |_| 25).await;
+    let t = admitted[0];
+    // The first refusal names t + 190 (the slot at t + 200 minus the 10 ms allowance).
+    assert_eq!(admitted[1], t + 190 + 25);
+    for w in admitted.windows(2).skip(1) {
+        assert_eq!(w[1] - w[0], 215, "{admitted:?}");
+    }
+}
+
+#[tokio::test]
+async fn with_a_lateness_allowance_any_six_requests_span_five_intervals_less_the_allowance() {
+    // Callers late by anything from 0 to 40 ms, in an irregular pattern: whatever the pattern,
+    // six consecutive admissions span at least 5 × 204 − 10 ms, so a provider counting a sliding
+    // one-second window never sees six.
+    let limiter = limiter().await;
+    let limit = Limit::per_second(5.0 / 1.02)
+        .unwrap()
+        .with_lateness(Duration::from_millis(10))
+        .unwrap();
+    let base = limiter.key("base:app1", limit).unwrap();
+    let admitted = late_callers(&limiter, &base, 200, |round| (round as u64 * 37 + 11) % 41).await;
+    for w in admitted.windows(6) {
+        assert!(w[5] - w[0] >= 5 * 204 - 10, "{w:?}");
+    }
+    assert_eq!(max_in_any_window(&admitted, 1000), 5);
+}
+
+#[tokio::test]
+async fn a_hold_is_strict_under_a_lateness_allowance() {
+    let limiter = limiter().await;
+    let limit = Limit::per_second(5.0)
+        .unwrap()
+        .with_lateness(Duration::from_millis(10))
+        .unwrap();
+    let base = limiter.key("base:app1", limit).unwrap();
+    let keys = std::slice::from_ref(&base);
+    let t = 1_900_000_000_000u64;
+    limiter.hold_at(&base, t + 30_000, t).await.unwrap();
+    assert_eq!(
+        limiter.admit_at(keys, t + 29_995).await.unwrap(),
+        Admission::WaitUntil(t + 30_000)
+    );
+    assert_eq!(
+        limiter.admit_at(keys, t + 30_000).await.unwrap(),
+        Admission::Admitted
+    );
+}
+
 #[tokio::test]
 async fn a_hold_beats_a_reservation() {
     let limiter = limiter().await;

@@ -14,10 +14,11 @@ pub const DEFAULT_BASE_RPS: f64 = 5.0;
 /// Airtable's documented limit per token.
 pub const DEFAULT_TOKEN_RPS: f64 = 50.0;
 /// How much slower than the provider's limit herald paces requests, as a fraction. Airtable
-/// counts requests in a sliding one-second window, so a margin `m` lets the delay between a
-/// request's slot and its arrival at Airtable vary by up to `m` × 1 s (20 ms at 0.02) without
-/// six requests ever falling in one window. See docs/decisions/0007-limiter-reservations.md.
-pub const DEFAULT_RATE_MARGIN: f64 = 0.02;
+/// counts requests in a sliding one-second window, so a margin `m` is `m` × 1 s of slack (30 ms
+/// at 0.03) per window: a third of it forgives deferred jobs their lateness, two thirds (20 ms)
+/// let the delay between a request's admission and its arrival at Airtable vary without six
+/// requests ever falling in one window. See docs/decisions/0010-limiter-lateness.md.
+pub const DEFAULT_RATE_MARGIN: f64 = 0.03;
 
 /// Where and how fast to talk to Airtable.
 #[derive(Clone, Debug)]
@@ -32,7 +33,7 @@ pub struct AirtableSettings {
     pub base_rps: f64,
     /// Requests per second per token (`HERALD_AIRTABLE_TOKEN_RPS`).
     pub token_rps: f64,
-    /// Pacing margin under the limits (`HERALD_AIRTABLE_RATE_MARGIN`), e.g. 0.02 = 2 % slower.
+    /// Pacing margin under the limits (`HERALD_AIRTABLE_RATE_MARGIN`), e.g. 0.03 = 3 % slower.
     pub rate_margin: f64,
     /// How long a 429 holds the base back when Airtable sends no `Retry-After`
     /// (`HERALD_AIRTABLE_LOCKOUT_MS`); Airtable's lock-out is 30 s.
@@ -139,8 +140,15 @@ impl AirtableSettings {
         Ok(())
     }
 
+    /// `rps` paced `rate_margin` under it, forgiving deferred jobs a third of the margin's slack
+    /// in lateness (10 ms at 0.03): a job that comes back a few milliseconds after its instant
+    /// does not push every later request back, and `rps + 1` consecutive requests still span
+    /// `(1 + margin) s − lateness`, leaving two thirds of the slack (20 ms at 0.03) for the way
+    /// to Airtable. See docs/decisions/0010-limiter-lateness.md.
     fn paced(&self, rps: f64) -> Result<Limit, SettingsError> {
-        Ok(Limit::per_second(rps / (1.0 + self.rate_margin))?)
+        let limit = Limit::per_second(rps / (1.0 + self.rate_margin))?;
+        let lateness = Duration::from_secs_f64(self.rate_margin / 3.0).min(limit.interval() / 2);
+        Ok(limit.with_lateness(lateness)?)
     }
 }
 
