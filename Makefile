@@ -42,8 +42,8 @@ test-scale: up ## The 1,000,000-due-jobs backlog drain (minutes; not part of mak
 	$(CARGO) build --release --workspace --bins --locked
 	HERALD_BACKLOG_JOBS=1000000 $(CARGO) test --release --locked -p herald-tests --test backlog -- --nocapture
 
-.PHONY: bench bench-queue bench-assign bench-calls
-bench: bench-queue bench-assign bench-calls ## Every benchmark (ratios against a peer measured in the same run).
+.PHONY: bench bench-queue bench-assign bench-calls bench-send
+bench: bench-queue bench-assign bench-calls bench-send ## Every benchmark (ratios against a peer measured in the same run).
 
 bench-queue: up ## herald vs BullMQ: bulk enqueue, processing at c=1 and c=50, idle pickup latency.
 	@scripts/bench-queue.sh
@@ -54,3 +54,7 @@ bench-assign: up ## Daily assignment: select + distribute 14,400 of 1,000,000 pr
 
 bench-calls: up ## Call campaigns: slot reuse latency (webhook to next call at the Vapi fake) and limit checks, real engine.
 	$(CARGO) run --release --locked -p herald-bench --bin herald-bench-calls -- $(BENCH_CALLS_ARGS)
+
+bench-send: up ## WhatsApp sends: 10,000 recipients at 50 msg/s (error vs configured) and at 1,000 msg/s with two workers, real worker processes and the Meta fake.
+	$(CARGO) build --release --locked -p herald-bench -p herald-worker --bin herald-bench-send --bin herald-worker
+	$${CARGO_TARGET_DIR:-target}/release/herald-bench-send $(BENCH_SEND_ARGS)

@@ -18,13 +18,16 @@
 //! the slots after it back (docs/decisions/0007-limiter-reservations.md).
 
 mod connection;
+pub mod fleet;
 pub mod slots;
+pub mod waiting;
 pub mod window;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use connection::Connection;
+pub use fleet::{FleetDecision, FleetState};
 pub use redis::RedisError;
 pub use slots::{SlotAdmission, SlotRequest, Slots, round_robin};
 pub use window::{Window, WindowError};

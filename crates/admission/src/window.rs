@@ -121,6 +121,11 @@ impl Window {
         )
     }
 
+    /// The instant the window opens for the first time: `first` on the start date.
+    pub fn first_open(&self) -> DateTime<Utc> {
+        self.on_day(self.start_date).0
+    }
+
     /// `now` when the window is open at `now`, else the next instant it opens.
     pub fn next_open(&self, now: DateTime<Utc>) -> DateTime<Utc> {
         let today = now.with_timezone(&self.zone).date_naive();
@@ -230,6 +235,15 @@ mod tests {
             w.next_open(utc("2026-04-20T03:00:00Z")),
             utc("2026-05-01T00:00:00Z")
         );
+    }
+
+    #[test]
+    fn the_first_opening_is_on_the_start_date() {
+        let w = window("22:00", "06:00", "America/New_York", "2026-01-10");
+        assert_eq!(w.first_open(), utc("2026-01-11T03:00:00Z"));
+        assert_eq!(w.next_open(utc("2026-01-01T00:00:00Z")), w.first_open());
+        let w = window("09:00", "18:00", "Asia/Tokyo", "2026-05-01");
+        assert_eq!(w.first_open(), utc("2026-05-01T00:00:00Z"));
     }
 
     #[test]

@@ -27,6 +27,8 @@ fn ask<'a>(user: &'a str, slot: &'a str) -> SlotRequest<'a> {
         user_limit: 2,
         tenant_limit: 3,
         lease: Duration::from_secs(60),
+        fleet_limit: None,
+        expected_turn: None,
     }
 }
 
@@ -67,7 +69,8 @@ async fn user_and_tenant_limits_hold_and_a_refusal_takes_nothing() {
     assert_eq!(
         slots.acquire_at(&ask("u2", "c4"), T0 + 7).await.unwrap(),
         SlotAdmission::AlreadyHeld {
-            lease_until_ms: T0 + 5 + 60_000
+            lease_until_ms: T0 + 5 + 60_000,
+            turn: 3
         }
     );
     assert_eq!(slots.tenant_in_use("tenant-a", T0 + 7).await.unwrap(), 3);
@@ -151,6 +154,8 @@ async fn many_concurrent_requests_never_exceed_the_limits() {
                 user_limit: 2,
                 tenant_limit: 10,
                 lease: Duration::from_secs(60),
+                fleet_limit: None,
+                expected_turn: None,
             };
             slots.acquire(&request).await.unwrap().is_granted()
         }));
@@ -171,4 +176,32 @@ async fn many_concurrent_requests_never_exceed_the_limits() {
                 <= 2
         );
     }
+}
+
+#[tokio::test]
+async fn a_retired_slot_is_not_taken_again_but_a_released_one_is() {
+    let slots = slots().await;
+    assert!(
+        slots
+            .acquire_at(&ask("u1", "c1"), T0)
+            .await
+            .unwrap()
+            .is_granted()
+    );
+    // The call ended: a dispatcher that still saw it waiting must not take a slot for it.
+    assert!(
+        slots
+            .retire("tenant-a", "u1", "c1", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        slots.acquire(&ask("u1", "c1")).await.unwrap(),
+        SlotAdmission::Retired
+    );
+    assert_eq!(slots.turn("tenant-a").await.unwrap().1, 1, "no turn taken");
+    // A call that goes back to waiting is released, not retired: its slot may be taken again.
+    assert!(slots.acquire(&ask("u1", "c2")).await.unwrap().is_granted());
+    assert!(slots.release("tenant-a", "u1", "c2").await.unwrap());
+    assert!(slots.acquire(&ask("u1", "c2")).await.unwrap().is_granted());
 }

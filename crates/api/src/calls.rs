@@ -1,7 +1,8 @@
 //! Call campaigns over HTTP: users, agents (removing one pauses its active campaigns), contacts
 //! (deleting one cancels its queued calls), the tenant's voice-provider account, campaigns
 //! (create from contacts or a CSV body or multipart form, list, view, update, pause, resume,
-//! cancel, delete, stats, CSV templates) and the provider's webhook.
+//! cancel, delete, stats, CSV templates), the calls of a campaign and one call (each queued one
+//! with why it is not running yet) and the provider's webhook.
 //!
 //! Tenant routes act on the tenant's own data (an ops token is 403, another tenant's campaign
 //! 404). Creating or resuming a campaign writes its dispatch job in Postgres (the outbox); the
@@ -12,13 +13,15 @@
 use axum::Json;
 use axum::body::Bytes;
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 
 use axum::extract::multipart::MultipartError;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use chrono::{NaiveDate, NaiveTime};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use herald_admission::waiting::{self, FleetWait, Usage, WaitFacts, WaitReason};
 use herald_admission::window::{Window, parse_time};
 use herald_connectors::voice::{self, ServerEvent};
 use herald_core::TenantId;
@@ -729,6 +732,226 @@ pub async fn delete_campaign(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Calls, and why a queued call waits
+
+/// The most calls one page lists.
+const MAX_CALLS_PAGE: i64 = 500;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallsQuery {
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    limit: Option<i64>,
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+/// A page cursor: the last call's `<priority>.<seq>`.
+fn parse_cursor(cursor: &str) -> Result<(i16, i64), ApiError> {
+    let bad = || ApiError::BadRequest {
+        field: "cursor".into(),
+        message: "not a cursor from a previous page's next_cursor".into(),
+    };
+    let (priority, seq) = cursor.split_once('.').ok_or_else(bad)?;
+    Ok((
+        priority.parse().map_err(|_| bad())?,
+        seq.parse().map_err(|_| bad())?,
+    ))
+}
+
+fn stored_window(campaign: &calls::Campaign) -> Result<Window, ApiError> {
+    Window::parse(
+        campaign.first_call_time,
+        campaign.last_call_time,
+        &campaign.time_zone,
+        campaign.start_date,
+    )
+    .map_err(|e| ApiError::Internal(format!("call campaign {}: {e}", campaign.id)))
+}
+
+fn count(n: impl TryInto<u32>) -> u32 {
+    n.try_into().unwrap_or(u32::MAX)
+}
+
+/// The `waiting` object of a queued call.
+fn waiting_json(reason: &WaitReason) -> Value {
+    let name = reason.name();
+    match reason {
+        WaitReason::CampaignPaused { pause_reason } => json!({
+            "reason": name, "pause_reason": pause_reason,
+            "detail": "the campaign is paused; resume it to dispatch its calls",
+        }),
+        WaitReason::StartDateInFuture { opens_at } => json!({
+            "reason": name, "opens_at": opens_at,
+            "detail": "the campaign's start date is ahead; its window first opens at opens_at",
+        }),
+        WaitReason::OutsideWindow { opens_at } => json!({
+            "reason": name, "opens_at": opens_at,
+            "detail": "the campaign's calling window is closed until opens_at",
+        }),
+        WaitReason::UserLimit(usage) => json!({
+            "reason": name, "in_use": usage.in_use, "limit": usage.limit,
+            "detail": format!("the user has {} of {} calls in progress", usage.in_use, usage.limit),
+        }),
+        WaitReason::SystemLimit(usage) => json!({
+            "reason": name, "in_use": usage.in_use, "limit": usage.limit,
+            "detail": format!(
+                "the tenant's voice account has {} of {} calls in progress",
+                usage.in_use, usage.limit
+            ),
+        }),
+        WaitReason::FleetLimit(fleet) => json!({
+            "reason": name, "limit": fleet.limit, "share": fleet.share, "held": fleet.held,
+            "detail": format!(
+                "the fleet-wide cap of {} calls is shared with other tenants; this tenant's share is {} and it holds {}",
+                fleet.limit, fleet.share, fleet.held
+            ),
+        }),
+        WaitReason::WaitingTurn { ahead } => json!({
+            "reason": name, "ahead": ahead,
+            "detail": if *ahead == 0 {
+                "next for its user; slots go round-robin across users".to_owned()
+            } else {
+                format!("{ahead} calls of the same user go first (named contacts, then in order)")
+            },
+        }),
+    }
+}
+
+/// The calls as JSON, each queued one with `waiting`: why it is not running yet, computed from
+/// the state at `now` (a pure function, `herald_admission::waiting`).
+async fn with_waiting(
+    state: &AppState,
+    tenant: TenantId,
+    views: Vec<calls::CallView>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Value>, ApiError> {
+    let pool = state.pool();
+    let mut reasons: std::collections::HashMap<Uuid, WaitReason> = std::collections::HashMap::new();
+    let mut by_user: BTreeMap<Uuid, Vec<&calls::CallView>> = BTreeMap::new();
+    for view in views.iter().filter(|v| v.state == "queued") {
+        by_user.entry(view.user_id).or_default().push(view);
+    }
+    for (user, queued) in by_user {
+        let context = calls::wait_context(pool, tenant, user).await?;
+        let mut open = Vec::new();
+        for runnable in calls::user_runnable_campaigns(pool, tenant, user).await? {
+            let window = Window::parse(
+                runnable.first_call_time,
+                runnable.last_call_time,
+                &runnable.time_zone,
+                runnable.start_date,
+            );
+            if window.is_ok_and(|w| w.is_open(now)) {
+                open.push(runnable.id);
+            }
+        }
+        let ids: Vec<Uuid> = queued.iter().map(|v| v.id).collect();
+        let ahead = calls::queued_ahead(pool, tenant, user, &open, &ids).await?;
+        let mut campaigns: BTreeMap<Uuid, calls::Campaign> = BTreeMap::new();
+        for view in queued {
+            let campaign = match campaigns.entry(view.campaign_id) {
+                Entry::Occupied(known) => known.into_mut(),
+                Entry::Vacant(new) => {
+                    new.insert(calls::campaign(pool, tenant, view.campaign_id).await?)
+                }
+            };
+            let facts = WaitFacts {
+                paused: (campaign.status != calls::CampaignStatus::Active)
+                    .then(|| campaign.pause_reason.clone()),
+                window: stored_window(campaign)?,
+                user: Usage {
+                    in_use: count(context.user_in_use),
+                    limit: count(context.user_limit),
+                },
+                tenant: Usage {
+                    in_use: count(context.tenant_in_use),
+                    limit: count(context.system_limit),
+                },
+                fleet: context.fleet.map(|f| FleetWait {
+                    limit: count(f.fleet_limit),
+                    share: count(f.share),
+                    held: count(f.held),
+                }),
+                ahead: ahead
+                    .get(&view.id)
+                    .copied()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .unwrap_or(0),
+            };
+            reasons.insert(view.id, waiting::why_waiting(&facts, now));
+        }
+    }
+    Ok(views
+        .into_iter()
+        .map(|view| {
+            let waiting = reasons.get(&view.id).map(waiting_json);
+            let mut value = json!(view);
+            value["waiting"] = waiting.unwrap_or(Value::Null);
+            value
+        })
+        .collect())
+}
+
+/// `GET /v1/call-campaigns/{id}/calls?state=&limit=&cursor=`: the campaign's calls in dispatch
+/// order (named contacts first, then in the order given), each queued one with `waiting`: why it
+/// is not running yet. `next_cursor` continues the list.
+pub async fn list_calls(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+    QueryParams(query): QueryParams<CallsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let id = campaign_id(&id)?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_CALLS_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest {
+            field: "limit".into(),
+            message: format!("must be 1 to {MAX_CALLS_PAGE}"),
+        });
+    }
+    if let Some(wanted) = query.state.as_deref()
+        && !calls::CALL_STATES.contains(&wanted)
+    {
+        return Err(ApiError::BadRequest {
+            field: "state".into(),
+            message: format!("must be one of {}", calls::CALL_STATES.join(", ")),
+        });
+    }
+    let after = query.cursor.as_deref().map(parse_cursor).transpose()?;
+    let views = calls::campaign_calls(
+        state.pool(),
+        tenant,
+        id,
+        query.state.as_deref(),
+        after,
+        limit,
+    )
+    .await?;
+    let next_cursor = (views.len() as i64 == limit)
+        .then(|| views.last().map(|v| format!("{}.{}", v.priority, v.seq)))
+        .flatten();
+    let calls = with_waiting(&state, tenant, views, Utc::now()).await?;
+    Ok(Json(json!({"calls": calls, "next_cursor": next_cursor})))
+}
+
+/// `GET /v1/calls/{id}`: one call; queued, with `waiting`.
+pub async fn get_call(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(id): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let view = calls::call(state.pool(), tenant, path_id("call", &id)?).await?;
+    let mut calls = with_waiting(&state, tenant, vec![view], Utc::now()).await?;
+    let call = calls.pop().unwrap_or(Value::Null);
+    Ok(Json(json!({ "call": call })))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Webhook
 
 /// Whether `given` is the tenant's secret, compared in constant time.
@@ -776,6 +999,40 @@ pub async fn voice_webhook(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_cursors_round_trip_and_bad_ones_are_refused() {
+        assert_eq!(parse_cursor("0.42").unwrap(), (0, 42));
+        assert_eq!(parse_cursor("1.7").unwrap(), (1, 7));
+        for bad in ["", "1", "a.b", "1.2.3", "99999.1"] {
+            assert!(parse_cursor(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn waiting_reasons_name_themselves_and_their_figures() {
+        let user = waiting_json(&WaitReason::UserLimit(Usage {
+            in_use: 2,
+            limit: 2,
+        }));
+        assert_eq!(user["reason"], "user_limit");
+        assert_eq!(
+            (user["in_use"].as_u64(), user["limit"].as_u64()),
+            (Some(2), Some(2))
+        );
+        let fleet = waiting_json(&WaitReason::FleetLimit(FleetWait {
+            limit: 6,
+            share: 3,
+            held: 3,
+        }));
+        assert_eq!(fleet["reason"], "fleet_limit");
+        assert_eq!(fleet["share"], 3);
+        let turn = waiting_json(&WaitReason::WaitingTurn { ahead: 4 });
+        assert_eq!(
+            (turn["reason"].as_str(), turn["ahead"].as_u64()),
+            (Some("waiting_turn"), Some(4))
+        );
+    }
 
     #[test]
     fn secrets_must_match_exactly() {

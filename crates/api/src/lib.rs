@@ -264,6 +264,8 @@ fn method_router(op: Op, method: MethodFilter) -> MethodRouter<AppState> {
         Op::GetCallCampaign => on(method, calls::get_campaign),
         Op::UpdateCallCampaign => on(method, calls::update_campaign),
         Op::CallCampaignStats => on(method, calls::campaign_stats),
+        Op::ListCampaignCalls => on(method, calls::list_calls),
+        Op::GetCall => on(method, calls::get_call),
         Op::PauseCallCampaign | Op::ResumeCallCampaign | Op::CancelCallCampaign => {
             on(method, calls::campaign_action)
         }
@@ -293,5 +295,8 @@ fn method_router(op: Op, method: MethodFilter) -> MethodRouter<AppState> {
         Op::StopSequence => on(method, sequences::stop),
         Op::SequenceLead => on(method, sequences::lead_timeline),
         Op::SequenceWebhook => on(method, sequences::inbound_webhook),
+        Op::PutEmailProvider => on(method, sequences::put_email_provider),
+        Op::PutLinkedinProvider => on(method, sequences::put_linkedin_provider),
+        Op::PutInstagramProvider => on(method, sequences::put_instagram_provider),
     }
 }

@@ -48,6 +48,8 @@ pub enum Op {
     GetCallCampaign,
     UpdateCallCampaign,
     CallCampaignStats,
+    ListCampaignCalls,
+    GetCall,
     PauseCallCampaign,
     ResumeCallCampaign,
     CancelCallCampaign,
@@ -77,6 +79,9 @@ pub enum Op {
     StopSequence,
     SequenceLead,
     SequenceWebhook,
+    PutEmailProvider,
+    PutLinkedinProvider,
+    PutInstagramProvider,
 }
 
 /// Who may call a route.
@@ -201,6 +206,13 @@ pub static ROUTES: &[Route] = &[
         Op::CallCampaignStats,
         Token,
     ),
+    route(
+        "GET",
+        "/v1/call-campaigns/{id}/calls",
+        Op::ListCampaignCalls,
+        Token,
+    ),
+    route("GET", "/v1/calls/{id}", Op::GetCall, Token),
     route(
         "POST",
         "/v1/call-campaigns/{id}:pause",
@@ -334,6 +346,19 @@ pub static ROUTES: &[Route] = &[
         "/v1/webhooks/sequences/{tenant_id}",
         Op::SequenceWebhook,
         Public,
+    ),
+    route("PUT", "/v1/providers/email", Op::PutEmailProvider, Token),
+    route(
+        "PUT",
+        "/v1/providers/linkedin",
+        Op::PutLinkedinProvider,
+        Token,
+    ),
+    route(
+        "PUT",
+        "/v1/providers/instagram",
+        Op::PutInstagramProvider,
+        Token,
     ),
 ];
 

@@ -1,11 +1,13 @@
 //! Multichannel sequences over HTTP: create (steps and sending rules validated: a 422 names the
-//! step and the field), list, get, add leads, start, pause, stop, stats, a lead's timeline, and
-//! the signed inbound webhook that records replies, opens, clicks and connections.
+//! step and the field), list, get, add leads, start, pause, stop, stats, a lead's timeline, the
+//! tenant's email, LinkedIn and Instagram provider accounts, and the signed inbound webhook that
+//! records replies, opens, clicks, connections and send statuses.
 //!
 //! Tenant routes act on the tenant's own sequences (an ops token is 403, another tenant's 404).
 //! The webhook is public but must carry `X-Herald-Signature: sha256=<hex>`, the HMAC-SHA256 of
-//! the raw body with the tenant's HMAC secret (the one herald signs its http jobs with): without
-//! a valid one nothing changes (401).
+//! the raw body with the tenant's HMAC secret (the one herald signs its http jobs with) or with
+//! one of its providers' webhook secrets: without a valid one nothing changes (401). Reading,
+//! verifying and applying the body is `herald_jobs::sequence_events`.
 
 use std::collections::BTreeMap;
 
@@ -14,9 +16,10 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use herald_connectors::whatsapp::verify_signature;
 use herald_core::TenantId;
-use herald_store::sequences::steps::{self, Channel, Signal};
+use herald_jobs::sequence_events::{self, WebhookError};
+use herald_store::sequences::providers::{self, ChannelProvider};
+use herald_store::sequences::steps::{self, Channel};
 use herald_store::sequences::{self, NewLead, NewSequence, Sequence};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -26,7 +29,7 @@ use crate::extract::{JsonBody, Params};
 use crate::{ApiError, AppState};
 
 /// The header carrying the inbound webhook's signature.
-pub const SIGNATURE_HEADER: &str = "x-herald-signature";
+pub const SIGNATURE_HEADER: &str = sequence_events::SIGNATURE_HEADER;
 
 fn object<'a>(body: &'a Value, allowed: &[&str]) -> Result<&'a Map<String, Value>, ApiError> {
     let map = body
@@ -274,46 +277,86 @@ pub async fn lead_timeline(
     Ok(Json(body))
 }
 
-/// `POST /v1/webhooks/sequences/{tenant_id}` `{"lead_id", "event": "replied"|"opened"|
-/// "clicked"|"connected"}`, signed with `X-Herald-Signature`. A reply stops the lead.
+/// `PUT /v1/providers/{email|linkedin|instagram}` `{"api_url"?, "api_key", "webhook_secret"}`:
+/// the tenant's account at that channel's provider (the URL defaults to the workers'
+/// `<CHANNEL>_API_URL`). The answer names no secret.
+async fn put_provider(
+    state: &AppState,
+    caller: &Caller,
+    channel: Channel,
+    body: &Value,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let map = object(body, &["api_url", "api_key", "webhook_secret"])?;
+    let text = |field: &str| -> Result<Option<String>, ApiError> {
+        match map.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.trim().to_owned())),
+            Some(_) => Err(ApiError::invalid(field, "must be a string")),
+        }
+    };
+    let required = |field: &str| {
+        text(field)?.ok_or_else(|| ApiError::invalid(field, "is required (a string)"))
+    };
+    let provider = ChannelProvider {
+        channel,
+        api_url: text("api_url")?,
+        api_key: required("api_key")?,
+        webhook_secret: required("webhook_secret")?,
+    };
+    providers::put(state.pool(), tenant, &provider).await?;
+    Ok(Json(json!({
+        "provider": channel.as_str(),
+        "api_url": provider.api_url,
+        "webhook_path": format!("/v1/webhooks/sequences/{tenant}"),
+    })))
+}
+
+/// `PUT /v1/providers/email`.
+pub async fn put_email_provider(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    put_provider(&state, &caller, Channel::Email, &body).await
+}
+
+/// `PUT /v1/providers/linkedin`.
+pub async fn put_linkedin_provider(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    put_provider(&state, &caller, Channel::Linkedin, &body).await
+}
+
+/// `PUT /v1/providers/instagram`.
+pub async fn put_instagram_provider(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    put_provider(&state, &caller, Channel::Instagram, &body).await
+}
+
+/// `POST /v1/webhooks/sequences/{tenant_id}`: one event `{"lead_id" | "send_id", "event",
+/// "at"?, "reason"?}` or `{"events": [...]}`, signed with `X-Herald-Signature`. A reply stops
+/// the lead; see `herald_jobs::sequence_events` for the rest.
 pub async fn inbound_webhook(
     State(state): State<AppState>,
     Params(tenant_id): Params<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let unauthorized = ApiError::Unauthorized("missing or invalid X-Herald-Signature");
-    let tenant = TenantId(
-        tenant_id
-            .parse()
-            .map_err(|_| ApiError::Unauthorized("missing or invalid X-Herald-Signature"))?,
-    );
-    let secret = match herald_store::tenants::hmac_secret(state.pool(), tenant).await {
-        Ok(secret) => secret,
-        Err(herald_store::Error::NotFound { .. }) => return Err(unauthorized),
-        Err(e) => return Err(e.into()),
-    };
+    let unauthorized = || ApiError::Unauthorized("missing or invalid X-Herald-Signature");
+    let tenant = TenantId(tenant_id.parse().map_err(|_| unauthorized())?);
     let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
-    if !verify_signature(&secret, &body, signature) {
-        return Err(unauthorized);
+    match sequence_events::receive(state.pool(), tenant, signature, &body).await {
+        Ok(answer) => Ok(Json(answer)),
+        Err(WebhookError::Unauthorized) => Err(unauthorized()),
+        Err(WebhookError::Malformed(e)) => Err(ApiError::MalformedJson(e)),
+        Err(WebhookError::Invalid { field, reason }) => Err(ApiError::invalid(field, reason)),
+        Err(WebhookError::NotFound(what)) => Err(ApiError::not_found(what)),
+        Err(WebhookError::Store(e)) => Err(e.into()),
     }
-    let value: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-    let map = object(&value, &["lead_id", "event"])?;
-    let lead: Uuid = map
-        .get("lead_id")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| ApiError::invalid("lead_id", "is required (a lead id)"))?;
-    let event = map.get("event").and_then(Value::as_str).unwrap_or_default();
-    let signal = Signal::parse(event).ok_or_else(|| {
-        ApiError::invalid(
-            "event",
-            "must be one of replied, opened, clicked, connected",
-        )
-    })?;
-    let new = herald_jobs::sequences::apply_signal(state.pool(), tenant, lead, signal).await?;
-    Ok(Json(
-        json!({"lead_id": lead, "event": signal.as_str(), "new": new}),
-    ))
 }

@@ -132,3 +132,143 @@ async fn sequences_are_validated_started_and_stopped_by_a_signed_reply(pool: her
     assert_eq!(stopped.status, StatusCode::OK);
     assert_eq!(stopped.body["stats"]["leads"]["stopped"], 1);
 }
+
+#[sqlx::test(migrator = "herald_store::MIGRATOR")]
+async fn provider_accounts_sign_events_about_their_own_sends(pool: herald_store::PgPool) {
+    let app = app(pool.clone()).await;
+    let (tenant, token) = tenant(&pool, "acme").await;
+
+    let missing = req(Method::PUT, "/v1/providers/email")
+        .token(&token)
+        .json(&json!({"webhook_secret": "whsec-email"}))
+        .send(&app.router)
+        .await;
+    assert_eq!(missing.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(missing.field(), "api_key");
+    let bad_url = req(Method::PUT, "/v1/providers/linkedin")
+        .token(&token)
+        .json(&json!({"api_url": "ftp://x", "api_key": "k", "webhook_secret": "s"}))
+        .send(&app.router)
+        .await;
+    assert_eq!(bad_url.field(), "api_url");
+    for (channel, secret) in [("email", "whsec-email"), ("linkedin", "whsec-linkedin")] {
+        let saved = req(Method::PUT, &format!("/v1/providers/{channel}"))
+            .token(&token)
+            .json(&json!({"api_url": "https://api.provider.example", "api_key": "key-1", "webhook_secret": secret}))
+            .send(&app.router)
+            .await;
+        assert_eq!(saved.status, StatusCode::OK, "{}", saved.text);
+        assert_eq!(saved.body["provider"], channel);
+        assert_eq!(
+            saved.body["webhook_path"],
+            format!("/v1/webhooks/sequences/{tenant}")
+        );
+        assert!(!saved.text.contains("key-1") && !saved.text.contains(secret));
+    }
+
+    // A lead whose first email went out (its activity and send, as the step job records them).
+    let created = req(Method::POST, "/v1/sequences")
+        .token(&token)
+        .json(&json!({"name": "s", "steps": [
+            {"type": "email_send", "subject": "Hi", "body": "Hello {{first_name}}"}
+        ]}))
+        .send(&app.router)
+        .await;
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let added = req(Method::POST, &format!("/v1/sequences/{id}/leads"))
+        .token(&token)
+        .json(&json!({"leads": [{"first_name": "Ann", "email": "ann@example.test"}]}))
+        .send(&app.router)
+        .await;
+    let lead: uuid::Uuid = added.body["added"][0].as_str().unwrap().parse().unwrap();
+    let send = uuid::Uuid::now_v7();
+    sqlx::query(
+        "insert into sends (tenant_id, id, channel, job_id, status) values ($1, $2, 'email', 'j', 'sent')",
+    )
+    .bind(tenant.0)
+    .bind(send)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "insert into sequence_activities (tenant_id, id, sequence_id, lead_id, step, step_type,
+             channel, outcome, send_id, job_id)
+         values ($1, $2, $3, $4, 0, 'email_send', 'email', 'executed', $5, 'j')",
+    )
+    .bind(tenant.0)
+    .bind(uuid::Uuid::now_v7())
+    .bind(id.parse::<uuid::Uuid>().unwrap())
+    .bind(lead)
+    .bind(send)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let path = format!("/v1/webhooks/sequences/{tenant}");
+    let post = |body: String, secret: &str| {
+        req(Method::POST, &path)
+            .header("x-herald-signature", &sign(secret, body.as_bytes()))
+            .raw("application/json", body)
+    };
+    // The email provider's batch: delivered and opened (out of order, one twice), and an
+    // event about a send herald never made.
+    let batch = json!({"events": [
+        {"send_id": send, "event": "opened", "at": "2030-01-07T10:00:00Z"},
+        {"send_id": send, "event": "delivered"},
+        {"send_id": send, "event": "opened"},
+        {"send_id": uuid::Uuid::now_v7(), "event": "opened"}
+    ]})
+    .to_string();
+    let applied = post(batch.clone(), "whsec-email").send(&app.router).await;
+    assert_eq!(applied.status, StatusCode::OK, "{}", applied.text);
+    assert_eq!(applied.body["received"], 4);
+    assert_eq!(applied.body["new"], 1);
+    assert_eq!(applied.body["repeats"], 2);
+    assert_eq!(applied.body["unknown"], 1);
+    let timeline = req(Method::GET, &format!("/v1/sequences/{id}/leads/{lead}"))
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(timeline.body["signals"][0]["signal"], "opened");
+    assert_eq!(timeline.body["activities"][0]["send_status"], "read");
+
+    // The LinkedIn provider's secret does not cover email sends, nor may a provider name leads.
+    let reply = json!({"events": [{"send_id": send, "event": "replied"}]}).to_string();
+    let foreign = post(reply.clone(), "whsec-linkedin")
+        .send(&app.router)
+        .await;
+    assert_eq!(foreign.status, StatusCode::OK);
+    assert_eq!(foreign.body["unknown"], 1);
+    let by_lead = json!({"lead_id": lead, "event": "replied"}).to_string();
+    let refused = post(by_lead, "whsec-email").send(&app.router).await;
+    assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(refused.field(), "lead_id");
+    let forged = post(reply.clone(), "not-a-secret").send(&app.router).await;
+    assert_eq!(forged.status, StatusCode::UNAUTHORIZED);
+    let bad = post(
+        json!({"events": [{"send_id": send, "event": "sent"}]}).to_string(),
+        "whsec-email",
+    )
+    .send(&app.router)
+    .await;
+    assert_eq!(bad.field(), "events[0].event");
+
+    // The email provider's reply stops the lead.
+    let replied = post(reply, "whsec-email").send(&app.router).await;
+    assert_eq!(replied.body["new"], 1);
+    let timeline = req(Method::GET, &format!("/v1/sequences/{id}/leads/{lead}"))
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(timeline.body["state"], "replied");
+    // One event about a send: the single-event answer.
+    let single = post(
+        json!({"send_id": send, "event": "clicked"}).to_string(),
+        "whsec-email",
+    )
+    .send(&app.router)
+    .await;
+    assert_eq!(single.status, StatusCode::OK, "{}", single.text);
+    assert_eq!(single.body["send_id"], send.to_string());
+    assert_eq!(single.body["new"], true);
+}

@@ -2,5 +2,9 @@
 //! carry the retry decision, and none retries or sleeps on its own.
 
 pub mod airtable;
+pub mod email;
+pub mod instagram;
+pub mod linkedin;
+pub mod rest;
 pub mod voice;
 pub mod whatsapp;

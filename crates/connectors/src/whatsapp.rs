@@ -15,6 +15,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
+use crate::rest::{self, Transport};
+
 /// Meta's Graph API.
 pub const DEFAULT_API_URL: &str = "https://graph.facebook.com";
 /// The Graph API version herald speaks.
@@ -233,39 +235,27 @@ impl WhatsAppClient {
         account: &Account,
         message: &TemplateMessage,
     ) -> Result<String, Error> {
-        let response = self
-            .http
-            .post(Self::messages_url(account))
-            .bearer_auth(account.token.expose_secret())
-            .timeout(self.timeout)
-            .json(&message.payload())
-            .send()
-            .await
-            .map_err(|err| {
-                let text = describe(&err);
-                if err.is_connect() || err.is_builder() {
-                    Error::NotSent(text)
-                } else {
-                    Error::Ambiguous(text)
-                }
-            })?;
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = response
-            .bytes()
-            .await
-            .map_err(|err| Error::Ambiguous(describe(&err)));
-        if !status.is_success() {
+        let answer = rest::post_json(
+            &self.http,
+            self.timeout,
+            &Self::messages_url(account),
+            account.token.expose_secret(),
+            &message.payload(),
+        )
+        .await
+        .map_err(|t| match t {
+            Transport::NotSent(text) => Error::NotSent(text),
+            Transport::Ambiguous(text) => Error::Ambiguous(text),
+        })?;
+        if !answer.is_success() {
             // The status decides; a body lost in transit only loses detail.
-            let body = body.unwrap_or_default();
-            return Err(Error::from_response(status.as_u16(), retry_after, &body));
+            return Err(Error::from_response(
+                answer.status,
+                answer.retry_after,
+                &answer.body,
+            ));
         }
-        let body = body?;
+        let body = answer.body;
         let parsed: SendResponse = serde_json::from_slice(&body)
             .map_err(|e| Error::Ambiguous(format!("unreadable success body: {e}")))?;
         parsed
@@ -275,17 +265,6 @@ impl WhatsAppClient {
             .map(|m| m.id)
             .ok_or_else(|| Error::Ambiguous("a success body without a message id".into()))
     }
-}
-
-fn describe(err: &reqwest::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 // ---------------------------------------------------------------------------------------------

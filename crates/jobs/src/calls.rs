@@ -2,10 +2,12 @@
 //! `call_release_slot` (a call ended: record it, free its slot, admit the next call), plus the
 //! library calls the API uses (start a campaign, take a provider's server message).
 //!
-//! Admission is decided in Redis before each call (`herald-admission`'s slots: the user's limit
-//! and the tenant's system limit together, with a lease), never by sleeping: a dispatcher that
-//! finds no free slot or no open window ends, leaving a wake-up dispatch at the instant that can
-//! change the answer (a lease running out, a window opening). The provider takes no idempotency
+//! Admission is decided in Redis before each call (`herald-admission`'s slots: the user's limit,
+//! the tenant's system limit and, when set, the tenant's fair share of the fleet-wide cap,
+//! together, with a lease), never by sleeping: a dispatcher that finds no free slot or no open
+//! window ends, leaving a wake-up dispatch at the instant that can change the answer (a lease
+//! running out, a window opening). A slot freed under a fleet cap also wakes the tenant the
+//! fleet owes it to (docs/decisions/0008-fleet-call-sharing.md). The provider takes no idempotency
 //! key, so a call is recorded `dialing` (an attempt) before it is placed and is never placed
 //! again once that is recorded, except when the provider said it did not place it.
 //!
@@ -17,11 +19,11 @@ use std::time::Duration;
 
 use apalis_core::task::data::Data;
 use chrono::{DateTime, Utc};
-use herald_admission::{Connection, SlotAdmission, SlotRequest, Slots, Window, round_robin};
+use herald_admission::{Connection, SlotAdmission, SlotRequest, Slots, Window, fleet, round_robin};
 use herald_connectors::voice::{self, EndedAs, NewCall, ServerEvent, VoiceClient, VoiceConfig};
 use herald_core::{JobError, JobPayload, TenantId, now_ms};
 use herald_queue::JobMeta;
-use herald_store::calls::{self, NextCall, Outcome, VoiceProvider};
+use herald_store::calls::{self, FleetWaitRecord, NextCall, Outcome, VoiceProvider};
 use herald_store::outbox::{self, NewOutboxJob};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
@@ -40,6 +42,10 @@ pub const DEFAULT_MAX_PER_RUN: usize = 20;
 /// How long to wait before asking again when the provider says the account is at its limit
 /// (herald's own count disagreed: calls placed outside herald, or a slot lost with Redis data).
 pub const PROVIDER_FULL_RETRY: Duration = Duration::from_secs(2);
+/// How long the slot id of a call that is over stays refused: longer than any dispatch run
+/// (`CallDispatch::TIMEOUT`), so a run acting on a view of the call from before it ended cannot
+/// take a slot, and a round-robin turn, for it.
+pub const RETIRED_FOR: Duration = Duration::from_secs(10 * 60);
 /// Wake-up dispatches are rounded up to this granularity so a tenant has at most one pending
 /// wake-up per instant.
 const WAKE_GRANULARITY_MS: u64 = 250;
@@ -80,6 +86,10 @@ pub struct VoiceSettings {
     pub slot_lease: Duration,
     /// `HERALD_CALL_DISPATCH_BATCH`: calls placed per dispatch run at most.
     pub max_per_run: usize,
+    /// `HERALD_CALL_FLEET_LIMIT`: the most calls in progress across every tenant, shared fairly
+    /// between the tenants that have calls to place; `None` (unset) for no fleet-wide cap.
+    /// Every worker of a fleet must use the same value.
+    pub fleet_limit: Option<u32>,
     pub timeout: Duration,
 }
 
@@ -89,6 +99,7 @@ impl Default for VoiceSettings {
             default_api_url: voice::DEFAULT_API_URL.to_owned(),
             slot_lease: DEFAULT_SLOT_LEASE,
             max_per_run: DEFAULT_MAX_PER_RUN,
+            fleet_limit: None,
             timeout: voice::DEFAULT_TIMEOUT,
         }
     }
@@ -106,8 +117,8 @@ pub enum SettingsError {
 }
 
 impl VoiceSettings {
-    /// Reads `VOICE_API_URL`, `HERALD_CALL_SLOT_LEASE_MS` and `HERALD_CALL_DISPATCH_BATCH`
-    /// through `var`; unset ones keep their defaults.
+    /// Reads `VOICE_API_URL`, `HERALD_CALL_SLOT_LEASE_MS`, `HERALD_CALL_DISPATCH_BATCH` and
+    /// `HERALD_CALL_FLEET_LIMIT` through `var`; unset (or empty) ones keep their defaults.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
         let mut settings = Self::default();
         if let Some(url) = var("VOICE_API_URL") {
@@ -115,6 +126,7 @@ impl VoiceSettings {
         }
         let whole = |name: &'static str| -> Result<Option<u64>, SettingsError> {
             var(name)
+                .filter(|v| !v.trim().is_empty())
                 .map(|v| {
                     v.trim()
                         .parse::<u64>()
@@ -132,6 +144,13 @@ impl VoiceSettings {
         }
         if let Some(n) = whole("HERALD_CALL_DISPATCH_BATCH")? {
             settings.max_per_run = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(n) = whole("HERALD_CALL_FLEET_LIMIT")? {
+            let limit = u32::try_from(n).map_err(|_| SettingsError::Invalid {
+                name: "HERALD_CALL_FLEET_LIMIT",
+                reason: format!("{n} is above {}", u32::MAX),
+            })?;
+            settings.fleet_limit = Some(limit);
         }
         Ok(settings)
     }
@@ -310,6 +329,10 @@ pub struct DispatchSummary {
     pub wake_at_ms: Option<u64>,
     /// Whether a follow-up dispatch was written to carry on at once.
     pub continued: bool,
+    /// The fleet cap's refusal that ended the run, if one did.
+    pub fleet_wait: Option<FleetWaitRecord>,
+    /// Another tenant woken to take fleet capacity this run freed or gave up.
+    pub woke: Option<TenantId>,
 }
 
 pub async fn dispatch(job: CallDispatch, meta: JobMeta, deps: Data<Deps>) -> Result<(), JobError> {
@@ -352,20 +375,16 @@ pub async fn run_dispatch(
     let lease = voice.settings.slot_lease;
     let tenant_name = tenant.0.simple().to_string();
     let lease_chrono = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::hours(1));
+    // Whether this run freed a slot (a lease that ran out, a call not placed): under a fleet
+    // cap another tenant may be owed it.
+    let mut freed_any = false;
     for ended in calls::expire_live_calls(pool, tenant, now - lease_chrono)
         .await
         .map_err(store_error)?
     {
         tracing::warn!(%tenant, call = %ended.id, "call lease expired without a call-ended signal");
-        voice
-            .slots
-            .release(
-                &tenant_name,
-                &user_slot_name(ended.user_id),
-                &slot_id(ended.id),
-            )
-            .await
-            .map_err(slot_error)?;
+        freed_any = true;
+        retire(voice, &tenant_name, ended.user_id, ended.id).await?;
     }
     let client = VoiceClient::new(
         voice.http.clone(),
@@ -376,9 +395,14 @@ pub async fn run_dispatch(
         },
     );
     let system_limit = u32::try_from(provider.system_limit).unwrap_or(1).max(1);
+    let fleet_limit = voice.settings.fleet_limit;
     let mut summary = DispatchSummary::default();
     let mut wake: Option<u64> = None;
     let mut more_work = false;
+    // Requests found stale (another dispatcher of the tenant served first), and whether the run
+    // handed over to a fresh one because of them.
+    let mut stale_reads = 0usize;
+    let mut gave_way = false;
     'runs: while summary.placed.len() < voice.settings.max_per_run {
         let mut conn = pool
             .acquire()
@@ -418,79 +442,132 @@ pub async fn run_dispatch(
         let by_user: BTreeMap<Uuid, NextCall> =
             candidates.into_iter().map(|c| (c.user_id, c)).collect();
         let users: Vec<Uuid> = by_user.keys().copied().collect();
-        let last = voice
-            .slots
-            .last_served(&tenant_name)
-            .await
-            .map_err(slot_error)?
-            .and_then(|s| Uuid::parse_str(&s).ok());
-        for user in round_robin(&users, last.as_ref()) {
-            let Some(call) = by_user.get(&user) else {
-                continue;
-            };
-            let user_limit = u32::try_from(call.concurrent_calls_limit)
-                .unwrap_or(1)
-                .max(1);
-            let slot = slot_id(call.id);
-            let user_name = user_slot_name(user);
-            let admission = voice
-                .slots
-                .acquire(&SlotRequest {
-                    tenant: &tenant_name,
-                    user: &user_name,
-                    slot: &slot,
-                    user_limit,
-                    tenant_limit: system_limit,
-                    lease,
-                })
-                .await
-                .map_err(slot_error)?;
-            match admission {
-                SlotAdmission::Acquired { .. } | SlotAdmission::AlreadyHeld { .. } => {}
-                SlotAdmission::UserFull { until_ms } => {
-                    wake = earliest(wake, until_ms);
-                    more_work = true;
+        // Offers on this view of the queue. A stale answer re-reads the cursor and the turn and
+        // offers again (a call another dispatcher took meanwhile is refused as already held),
+        // a few times, before reading the queue again.
+        let mut fresh_turns = 0;
+        'offers: loop {
+            // The cursor and the turn together: a grant to another dispatcher after this read makes
+            // this run's requests stale, so it reads again instead of serving out of turn.
+            let (last, turn) = voice.slots.turn(&tenant_name).await.map_err(slot_error)?;
+            let last = last.and_then(|s| Uuid::parse_str(&s).ok());
+            for user in round_robin(&users, last.as_ref()) {
+                let Some(call) = by_user.get(&user) else {
                     continue;
-                }
-                SlotAdmission::TenantFull { until_ms } => {
-                    wake = earliest(wake, until_ms);
-                    more_work = true;
-                    break 'runs;
-                }
-            }
-            match place(deps, &client, tenant, call).await? {
-                Placed::Yes => {
-                    summary.placed.push(call.id);
-                    // Re-read: this user's next call, and the round-robin cursor, changed.
-                    continue 'runs;
-                }
-                Placed::Skipped => {
-                    // Two dispatch runs may offer the same call at once: the slot id is the
-                    // call's, so one acquires it and the other finds it held. Only the run that
-                    // records `dialing` places the call; the other must not free the slot the
-                    // call now holds. A call no longer live (cancelled, ended) frees it.
-                    if !calls::is_live(pool, tenant, call.id)
-                        .await
-                        .map_err(store_error)?
-                    {
-                        release(voice, &tenant_name, user, call.id).await?;
+                };
+                let user_limit = u32::try_from(call.concurrent_calls_limit)
+                    .unwrap_or(1)
+                    .max(1);
+                let slot = slot_id(call.id);
+                let user_name = user_slot_name(user);
+                let admission = voice
+                    .slots
+                    .acquire(&SlotRequest {
+                        tenant: &tenant_name,
+                        user: &user_name,
+                        slot: &slot,
+                        user_limit,
+                        tenant_limit: system_limit,
+                        lease,
+                        fleet_limit,
+                        expected_turn: Some(turn),
+                    })
+                    .await
+                    .map_err(slot_error)?;
+                let granted = match admission {
+                    SlotAdmission::Acquired { .. } | SlotAdmission::AlreadyHeld { .. } => Granted {
+                        at: admission
+                            .granted_at_ms(lease)
+                            .and_then(|ms| DateTime::<Utc>::from_timestamp_millis(ms as i64))
+                            .unwrap_or(now),
+                        turn: admission
+                            .turn()
+                            .filter(|turn| *turn > 0)
+                            .and_then(|turn| i64::try_from(turn).ok()),
+                    },
+                    SlotAdmission::Stale | SlotAdmission::Retired => {
+                        // Another dispatcher of this tenant was served meanwhile, or the call ended
+                        // since this run read it as waiting: read again. Each such answer means
+                        // someone else made progress, but a run gives up after a while and hands
+                        // over to a fresh run.
+                        stale_reads += 1;
+                        if stale_reads > voice.settings.max_per_run.max(1) * 4 {
+                            gave_way = true;
+                            break 'runs;
+                        }
+                        if admission == SlotAdmission::Stale && fresh_turns < 4 {
+                            fresh_turns += 1;
+                            continue 'offers;
+                        }
+                        continue 'runs;
                     }
-                    continue 'runs;
-                }
-                Placed::ProviderFull => {
-                    release(voice, &tenant_name, user, call.id).await?;
-                    wake = earliest(wake, now_ms() + PROVIDER_FULL_RETRY.as_millis() as u64);
-                    more_work = true;
-                    break 'runs;
-                }
-                Placed::Failed => {
-                    release(voice, &tenant_name, user, call.id).await?;
-                    continue 'runs;
+                    SlotAdmission::UserFull { until_ms } => {
+                        wake = earliest(wake, until_ms);
+                        more_work = true;
+                        continue;
+                    }
+                    SlotAdmission::TenantFull { until_ms } => {
+                        wake = earliest(wake, until_ms);
+                        more_work = true;
+                        break 'runs;
+                    }
+                    SlotAdmission::FleetFull {
+                        until_ms,
+                        share,
+                        held,
+                    }
+                    | SlotAdmission::FleetShare {
+                        until_ms,
+                        share,
+                        held,
+                    } => {
+                        // The tenant waits for its share of the fleet: a release anywhere in the
+                        // fleet wakes it when it is owed the freed slot, the first lease end at the
+                        // latest.
+                        wake = earliest(wake, until_ms);
+                        more_work = true;
+                        summary.fleet_wait = fleet_limit.map(|limit| FleetWaitRecord {
+                            fleet_limit: i32::try_from(limit).unwrap_or(i32::MAX),
+                            share: i32::try_from(share).unwrap_or(i32::MAX),
+                            held: i32::try_from(held).unwrap_or(i32::MAX),
+                        });
+                        break 'runs;
+                    }
+                };
+                match place(deps, &client, tenant, call, granted).await? {
+                    Placed::Yes => {
+                        summary.placed.push(call.id);
+                        // Re-read: this user's next call, and the round-robin cursor, changed.
+                        continue 'runs;
+                    }
+                    Placed::Skipped => {
+                        // Two dispatch runs may offer the same call at once: the slot id is the
+                        // call's, so one acquires it and the other finds it held. Only the run that
+                        // records `dialing` places the call; the other must not free the slot the
+                        // call now holds. A call no longer live (cancelled, ended) frees it.
+                        if !calls::is_live(pool, tenant, call.id)
+                            .await
+                            .map_err(store_error)?
+                        {
+                            release(voice, &tenant_name, user, call.id).await?;
+                        }
+                        continue 'runs;
+                    }
+                    Placed::ProviderFull => {
+                        freed_any |= release(voice, &tenant_name, user, call.id).await?;
+                        wake = earliest(wake, now_ms() + PROVIDER_FULL_RETRY.as_millis() as u64);
+                        more_work = true;
+                        break 'runs;
+                    }
+                    Placed::Failed => {
+                        freed_any |= retire(voice, &tenant_name, user, call.id).await?;
+                        continue 'runs;
+                    }
                 }
             }
+            // Every user was offered a slot and none could take one.
+            break 'runs;
         }
-        // Every user was offered a slot and none could take one.
-        break;
     }
     // A call whose end is never signalled must still be ended when its lease runs out.
     if let Some(dialed_at) = calls::oldest_live_dialed_at(pool, tenant)
@@ -506,7 +583,7 @@ pub async fn run_dispatch(
         .acquire()
         .await
         .map_err(|e| JobError::retry(e.to_string()))?;
-    if summary.placed.len() >= voice.settings.max_per_run && !more_work {
+    if (summary.placed.len() >= voice.settings.max_per_run || gave_way) && !more_work {
         // The run's budget is spent with slots possibly still free: carry on in a fresh run so
         // other tenants' dispatches interleave.
         enqueue_dispatch(&mut conn, tenant, None)
@@ -519,6 +596,27 @@ pub async fn run_dispatch(
             .map_err(store_error)?;
         summary.wake_at_ms = Some(at);
     }
+    // What the call views show as the fleet's reason to wait; cleared by any run the fleet did
+    // not refuse (also once the cap is removed).
+    calls::record_fleet_wait(&mut conn, tenant, summary.fleet_wait)
+        .await
+        .map_err(store_error)?;
+    if fleet_limit.is_some() {
+        let mut gave_up = false;
+        if summary.fleet_wait.is_none() && !summary.continued {
+            // Nothing this tenant could place now is held back by the fleet: it stops
+            // competing, and its share goes to the others.
+            voice
+                .slots
+                .withdraw_from_fleet(&tenant_name)
+                .await
+                .map_err(slot_error)?;
+            gave_up = true;
+        }
+        if gave_up || freed_any {
+            summary.woke = wake_owed_tenant(voice, &mut conn, tenant).await?;
+        }
+    }
     drop(conn);
     calls::complete_finished_campaigns(pool, tenant)
         .await
@@ -526,10 +624,49 @@ pub async fn run_dispatch(
     Ok(summary)
 }
 
+/// Under a fleet cap, writes a dispatch for the tenant a free fleet slot is owed to
+/// ([`fleet::next_to_serve`]), unless that is `tenant` itself (whose own dispatch is already
+/// written). Returns the tenant woken.
+async fn wake_owed_tenant(
+    voice: &Voice,
+    conn: &mut sqlx::PgConnection,
+    tenant: TenantId,
+) -> Result<Option<TenantId>, JobError> {
+    let Some(limit) = voice.settings.fleet_limit else {
+        return Ok(None);
+    };
+    let (state, now) = voice.slots.fleet_state(limit).await.map_err(slot_error)?;
+    let Some(next) = fleet::next_to_serve(&state, now) else {
+        return Ok(None);
+    };
+    let Ok(next) = Uuid::parse_str(&next).map(TenantId) else {
+        tracing::warn!(tenant = %next, "fleet slot owed to a tenant that is not a tenant id");
+        return Ok(None);
+    };
+    if next == tenant {
+        return Ok(None);
+    }
+    enqueue_dispatch(conn, next, None)
+        .await
+        .map_err(store_error)?;
+    tracing::debug!(%tenant, woke = %next, "fleet slot offered to the tenant owed it");
+    Ok(Some(next))
+}
+
+/// Frees the slot of a call that goes back to waiting (or never left it).
 async fn release(voice: &Voice, tenant: &str, user: Uuid, call: Uuid) -> Result<bool, JobError> {
     voice
         .slots
         .release(tenant, &user_slot_name(user), &slot_id(call))
+        .await
+        .map_err(slot_error)
+}
+
+/// Frees the slot of a call that is over, and keeps its id from being taken again.
+async fn retire(voice: &Voice, tenant: &str, user: Uuid, call: Uuid) -> Result<bool, JobError> {
+    voice
+        .slots
+        .retire(tenant, &user_slot_name(user), &slot_id(call), RETIRED_FOR)
         .await
         .map_err(slot_error)
 }
@@ -557,14 +694,22 @@ fn metadata(tenant: TenantId, call: &NextCall) -> Map<String, Value> {
     metadata
 }
 
+/// A slot granted to a call: when (its lease starts then) and at which of the tenant's turns.
+#[derive(Debug, Clone, Copy)]
+struct Granted {
+    at: DateTime<Utc>,
+    turn: Option<i64>,
+}
+
 async fn place(
     deps: &Deps,
     client: &VoiceClient,
     tenant: TenantId,
     call: &NextCall,
+    granted: Granted,
 ) -> Result<Placed, JobError> {
     let pool = &deps.pool;
-    if !calls::mark_dialing(pool, tenant, call.id)
+    if !calls::mark_dialing(pool, tenant, call.id, granted.at, granted.turn)
         .await
         .map_err(store_error)?
     {
@@ -656,56 +801,82 @@ pub async fn run_release_slot(
     let voice = voice(deps)?;
     let pool = &deps.pool;
     let tenant_name = tenant.0.simple().to_string();
-    let mut tx = pool
-        .begin()
-        .await
-        .map_err(|e| JobError::retry(e.to_string()))?;
-    let ended = calls::end_by_provider_id(
-        &mut tx,
-        tenant,
-        &job.provider_call_id,
-        outcome_of(job.ended_reason.as_deref()),
-        job.ended_reason.as_deref(),
-        job.duration_ms,
-    )
-    .await
-    .map_err(store_error)?;
-    if let Some(ended) = ended {
-        // The provider has ended the call, so its slot is free now: free it before the commit
-        // makes the next dispatch visible, or that dispatch could find the tenant still full.
-        // A failed commit re-runs the job; freeing again is a no-op.
-        let slot_freed = release(voice, &tenant_name, ended.user_id, ended.id).await?;
-        enqueue_dispatch(&mut tx, tenant, None)
-            .await
-            .map_err(store_error)?;
-        tx.commit()
+    // Twice at most: the dispatcher may record the provider's id between this job's update
+    // (which then finds no call) and its look-up (which finds the call still in progress).
+    for round in 0..2 {
+        let mut tx = pool
+            .begin()
             .await
             .map_err(|e| JobError::retry(e.to_string()))?;
-        return Ok(Released::Ended {
-            call: ended.id,
-            slot_freed,
-        });
-    }
-    drop(tx);
-    match calls::call_by_provider_id(pool, tenant, &job.provider_call_id)
+        let ended = calls::end_by_provider_id(
+            &mut tx,
+            tenant,
+            &job.provider_call_id,
+            outcome_of(job.ended_reason.as_deref()),
+            job.ended_reason.as_deref(),
+            job.duration_ms,
+        )
         .await
-        .map_err(store_error)?
-    {
-        Some(call) => {
-            // Already ended (this job re-run after a crash, or a duplicate): freeing again is a
-            // no-op when the slot is already free.
-            release(voice, &tenant_name, call.user_id, call.id).await?;
-            Ok(Released::AlreadyEnded { call: call.id })
+        .map_err(store_error)?;
+        if let Some(ended) = ended {
+            // The provider has ended the call, so its slot is free now: free it before the
+            // commit makes the next dispatch visible, or that dispatch could find the tenant
+            // still full. A failed commit re-runs the job; freeing again is a no-op.
+            let slot_freed = retire(voice, &tenant_name, ended.user_id, ended.id).await?;
+            enqueue_dispatch(&mut tx, tenant, None)
+                .await
+                .map_err(store_error)?;
+            // Under a fleet cap the freed slot may be owed to another tenant: wake it too.
+            if slot_freed {
+                wake_owed_tenant(voice, &mut tx, tenant).await?;
+            }
+            tx.commit()
+                .await
+                .map_err(|e| JobError::retry(e.to_string()))?;
+            return Ok(Released::Ended {
+                call: ended.id,
+                slot_freed,
+            });
         }
-        None if last_attempt => Err(JobError::permanent(format!(
-            "no call with provider id {} for this tenant",
-            job.provider_call_id
-        ))),
-        None => Err(JobError::retry_after(
-            format!("call {} not recorded yet", job.provider_call_id),
-            Duration::from_millis(200),
-        )),
+        drop(tx);
+        match calls::call_by_provider_id(pool, tenant, &job.provider_call_id)
+            .await
+            .map_err(store_error)?
+        {
+            Some(call) if calls::is_live_state(&call.state) => {
+                // Recorded just now, still in progress: end it (once more, then by a retry).
+                if round == 0 {
+                    continue;
+                }
+                return Err(JobError::retry_after(
+                    format!("call {} recorded just now", job.provider_call_id),
+                    Duration::from_millis(50),
+                ));
+            }
+            Some(call) => {
+                // Already ended (this job re-run after a crash, or a duplicate): freeing again
+                // is a no-op when the slot is already free.
+                retire(voice, &tenant_name, call.user_id, call.id).await?;
+                return Ok(Released::AlreadyEnded { call: call.id });
+            }
+            None if last_attempt => {
+                return Err(JobError::permanent(format!(
+                    "no call with provider id {} for this tenant",
+                    job.provider_call_id
+                )));
+            }
+            None => {
+                return Err(JobError::retry_after(
+                    format!("call {} not recorded yet", job.provider_call_id),
+                    Duration::from_millis(200),
+                ));
+            }
+        }
     }
+    Err(JobError::retry_after(
+        format!("call {} still in progress", job.provider_call_id),
+        Duration::from_millis(50),
+    ))
 }
 
 /// The tenant's provider settings, for the webhook's secret check.
@@ -714,4 +885,49 @@ pub async fn provider(
     tenant: TenantId,
 ) -> Result<Option<VoiceProvider>, herald_store::Error> {
     calls::voice_provider(pool, tenant).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<VoiceSettings, SettingsError> {
+        VoiceSettings::from_vars(|name| {
+            vars.iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| (*value).to_owned())
+        })
+    }
+
+    #[test]
+    fn the_fleet_limit_is_unset_unless_given_a_positive_number() {
+        assert_eq!(settings(&[]).unwrap().fleet_limit, None);
+        assert_eq!(
+            settings(&[("HERALD_CALL_FLEET_LIMIT", "")])
+                .unwrap()
+                .fleet_limit,
+            None
+        );
+        assert_eq!(
+            settings(&[("HERALD_CALL_FLEET_LIMIT", " 40 ")])
+                .unwrap()
+                .fleet_limit,
+            Some(40)
+        );
+        for bad in ["0", "-3", "many", "99999999999"] {
+            assert!(
+                settings(&[("HERALD_CALL_FLEET_LIMIT", bad)]).is_err(),
+                "{bad}"
+            );
+        }
+        let other = settings(&[
+            ("HERALD_CALL_SLOT_LEASE_MS", "1500"),
+            ("HERALD_CALL_DISPATCH_BATCH", "5"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (other.slot_lease, other.max_per_run, other.fleet_limit),
+            (Duration::from_millis(1500), 5, None)
+        );
+    }
 }

@@ -7,11 +7,13 @@
 pub mod airtable;
 pub mod builtin;
 pub mod calls;
+pub mod channels;
 pub mod daily;
 pub mod durable;
 pub mod http;
 pub mod registry;
 pub mod relay;
+pub mod sequence_events;
 pub mod sequences;
 pub mod whatsapp;
 

@@ -16,8 +16,10 @@
 //!
 //! Channels: WhatsApp goes through the real WhatsApp connector (`Deps::whatsapp`, the tenant's
 //! account); email, LinkedIn and Instagram go through a [`ChannelConnector`] registered in
-//! [`Connectors`]. herald ships no provider for those three yet: without one their steps retry
-//! with a reason.
+//! [`Connectors`] (the HTTP providers of [`crate::channels`] in the worker). A channel without a
+//! connector, or one not ready for the tenant (no provider account), retries with a reason
+//! before anything is recorded. Provider events about a send (delivered, opened, connected,
+//! replied…) come back through [`crate::sequence_events`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,6 +61,8 @@ impl JobPayload for SequenceStep {
 /// One action for a channel connector: who it goes to and what it says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboundAction {
+    /// Whose action it is (the connector finds the tenant's provider account by it).
+    pub tenant: TenantId,
     pub send_id: Uuid,
     pub channel: Channel,
     pub step_type: &'static str,
@@ -89,6 +93,13 @@ pub enum ChannelError {
 
 /// A provider for one channel's actions. Returns the provider's id for the action.
 pub trait ChannelConnector: Send + Sync {
+    /// Whether the connector can act for `tenant` at all (a provider account is configured);
+    /// `Err` says what is missing. Asked before anything is recorded: the step retries.
+    fn ready<'a>(&'a self, tenant: TenantId) -> BoxFuture<'a, Result<(), String>> {
+        let _ = tenant;
+        Box::pin(async { Ok(()) })
+    }
+
     fn act<'a>(&'a self, action: &'a OutboundAction)
     -> BoxFuture<'a, Result<String, ChannelError>>;
 }
@@ -294,6 +305,7 @@ pub async fn run_step(
         sender_account: None,
         send_id: None,
         job_id,
+        at: now,
     };
     match &current {
         Step::Delay { days, hours, .. } => {
@@ -378,6 +390,7 @@ async fn fail(
 
 /// What an action says to its lead.
 fn outbound(
+    tenant: TenantId,
     action: &Action,
     lead: &sequences::Lead,
     sender: &str,
@@ -409,6 +422,7 @@ fn outbound(
         | Action::InstagramLike => (None, None),
     };
     OutboundAction {
+        tenant,
         send_id,
         channel: action.channel(),
         step_type: action.step_type(),
@@ -508,14 +522,17 @@ async fn run_action(
                 })?;
             Via::WhatsApp(whatsapp, settings)
         }
-        other => Via::Connector(
-            deps.sequences
+        other => {
+            let connector = deps
+                .sequences
                 .as_deref()
                 .and_then(|c| c.get(other))
                 .ok_or_else(|| {
                     JobError::retry(format!("no {other} provider is configured on this worker"))
-                })?,
-        ),
+                })?;
+            connector.ready(tenant).await.map_err(JobError::retry)?;
+            Via::Connector(connector)
+        }
     };
     let sender_name = sequence.sender(channel).to_owned();
     let periods = steps::cap_periods(rules.zone(), now);
@@ -566,7 +583,7 @@ async fn run_action(
     }
     tx.commit().await.map_err(|e| store_error(e.into()))?;
 
-    let message = outbound(action, lead, &sender_name, send_id);
+    let message = outbound(tenant, action, lead, &sender_name, send_id);
     let outcome = match (&via, action) {
         (
             Via::WhatsApp(whatsapp, settings),

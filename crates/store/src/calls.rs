@@ -1139,22 +1139,37 @@ pub async fn next_call_per_user(
 }
 
 /// Records that the call is being dialled, before the provider is asked: `queued → dialing`,
-/// one more attempt. `false` when the call was no longer queued (another dispatcher took it, or
-/// it was cancelled): then it must not be dialled.
-pub async fn mark_dialing(pool: &PgPool, tenant: TenantId, call: Uuid) -> Result<bool, Error> {
+/// one more attempt. `dialed_at` is when the call's slot was granted (its lease starts then, by
+/// the slots' clock), so the lease sweep here and the slot in Redis end together; `slot_turn` is
+/// the tenant's turn the slot was granted at. `false` when the call was no longer queued (another
+/// dispatcher took it, or it was cancelled): then it must not be dialled.
+pub async fn mark_dialing(
+    pool: &PgPool,
+    tenant: TenantId,
+    call: Uuid,
+    slot_granted_at: DateTime<Utc>,
+    slot_turn: Option<i64>,
+) -> Result<bool, Error> {
     let updated = sqlx::query(
-        "update calls set state = 'dialing', attempts = attempts + 1, dialed_at = now(),
-                          updated_at = now()
+        "update calls set state = 'dialing', attempts = attempts + 1, dialed_at = $3,
+                          slot_turn = $4, updated_at = now()
          where tenant_id = $1 and id = $2 and state = 'queued'
            and exists (select 1 from call_campaigns c where c.tenant_id = $1
                          and c.id = calls.campaign_id and c.status = 'active')",
     )
     .bind(tenant.0)
     .bind(call)
+    .bind(slot_granted_at)
+    .bind(slot_turn)
     .execute(pool)
     .await?
     .rows_affected();
     Ok(updated == 1)
+}
+
+/// Whether a call in `state` holds a slot (dialing or in a call).
+pub fn is_live_state(state: &str) -> bool {
+    matches!(state, "dialing" | "in_call")
 }
 
 /// Whether the call holds a slot (dialing or in a call).
@@ -1406,6 +1421,252 @@ pub async fn complete_finished_campaigns(pool: &PgPool, tenant: TenantId) -> Res
     .execute(pool)
     .await?
     .rows_affected())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Call views and why a call waits
+
+/// A call as the views show it. `seq` is the order calls were queued in (FIFO within a
+/// priority; 0 = a named contact, first); `slot_turn` the order they were admitted in.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct CallView {
+    pub id: Uuid,
+    pub campaign_id: Uuid,
+    pub user_id: Uuid,
+    pub contact_id: Uuid,
+    pub phone: String,
+    pub name: Option<String>,
+    pub priority: i16,
+    pub seq: i64,
+    pub state: String,
+    pub outcome: Option<String>,
+    pub ended_reason: Option<String>,
+    pub error: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub attempts: i32,
+    pub provider_call_id: Option<String>,
+    pub slot_turn: Option<i64>,
+    pub dialed_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+const CALL_VIEW_COLUMNS: &str = "id, campaign_id, user_id, contact_id, phone, name, priority, \
+    seq, state, outcome, ended_reason, error, duration_ms, attempts, provider_call_id, slot_turn, \
+    dialed_at, ended_at, created_at";
+
+/// The call states a view may filter on.
+pub const CALL_STATES: &[&str] = &[
+    "queued",
+    "dialing",
+    "in_call",
+    "completed",
+    "failed",
+    "cancelled",
+    "busy",
+    "no-answer",
+];
+
+/// A campaign's calls in dispatch order (priority, then FIFO), `limit` at most, after the call
+/// at `after` (`(priority, seq)` of the last call of the previous page), optionally in one
+/// state. `NotFound` when the campaign is not the tenant's.
+pub async fn campaign_calls(
+    pool: &PgPool,
+    tenant: TenantId,
+    campaign_id: Uuid,
+    state: Option<&str>,
+    after: Option<(i16, i64)>,
+    limit: i64,
+) -> Result<Vec<CallView>, Error> {
+    campaign(pool, tenant, campaign_id).await?;
+    if let Some(state) = state
+        && !CALL_STATES.contains(&state)
+    {
+        return Err(Error::invalid(
+            "state",
+            format!("{state:?} is not one of {}", CALL_STATES.join(", ")),
+        ));
+    }
+    let (after_priority, after_seq) = after.unwrap_or((i16::MIN, i64::MIN));
+    Ok(sqlx::query_as(&format!(
+        "select {CALL_VIEW_COLUMNS} from calls
+         where tenant_id = $1 and campaign_id = $2 and ($3::text is null or state = $3)
+           and (priority, seq) > ($4, $5)
+         order by priority, seq
+         limit $6"
+    ))
+    .bind(tenant.0)
+    .bind(campaign_id)
+    .bind(state)
+    .bind(after_priority)
+    .bind(after_seq)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The tenant's call `id`.
+pub async fn call(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<CallView, Error> {
+    sqlx::query_as(&format!(
+        "select {CALL_VIEW_COLUMNS} from calls where tenant_id = $1 and id = $2"
+    ))
+    .bind(tenant.0)
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    .ok_or_else(|| Error::not_found(format!("call {id}")))
+}
+
+/// The tenant's last refusal by the fleet-wide call cap, as dispatch recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct FleetWaitRecord {
+    pub fleet_limit: i32,
+    pub share: i32,
+    pub held: i32,
+}
+
+/// Records (`Some`) or clears (`None`) the tenant's refusal by the fleet cap at the end of a
+/// dispatch run.
+pub async fn record_fleet_wait(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    wait: Option<FleetWaitRecord>,
+) -> Result<(), Error> {
+    match wait {
+        Some(wait) => {
+            sqlx::query(
+                "insert into call_fleet_waits (tenant_id, fleet_limit, share, held)
+                 values ($1, $2, $3, $4)
+                 on conflict (tenant_id) do update
+                     set fleet_limit = excluded.fleet_limit, share = excluded.share,
+                         held = excluded.held, recorded_at = now()",
+            )
+            .bind(tenant.0)
+            .bind(wait.fleet_limit)
+            .bind(wait.share)
+            .bind(wait.held)
+            .execute(conn)
+            .await?;
+        }
+        None => {
+            sqlx::query("delete from call_fleet_waits where tenant_id = $1")
+                .bind(tenant.0)
+                .execute(conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// What decides whether a user's queued calls can start, read in one statement: the user's calls
+/// in progress and limit, the tenant's calls in progress and system limit (10 until a provider is
+/// set), and the tenant's last fleet refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitContext {
+    pub user_in_use: i64,
+    pub user_limit: i32,
+    pub tenant_in_use: i64,
+    pub system_limit: i32,
+    pub fleet: Option<FleetWaitRecord>,
+}
+
+pub async fn wait_context(
+    pool: &PgPool,
+    tenant: TenantId,
+    user: Uuid,
+) -> Result<WaitContext, Error> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        user_in_use: i64,
+        user_limit: Option<i32>,
+        tenant_in_use: i64,
+        system_limit: Option<i32>,
+        fleet_limit: Option<i32>,
+        share: Option<i32>,
+        held: Option<i32>,
+    }
+    let row: Row = sqlx::query_as(
+        "select
+             (select count(*) from calls where tenant_id = $1 and user_id = $2
+                and state in ('dialing', 'in_call')) as user_in_use,
+             (select concurrent_calls_limit from call_users
+                where tenant_id = $1 and id = $2) as user_limit,
+             (select count(*) from calls where tenant_id = $1
+                and state in ('dialing', 'in_call')) as tenant_in_use,
+             (select system_limit from voice_providers where tenant_id = $1) as system_limit,
+             w.fleet_limit, w.share, w.held
+         from (select 1) as one
+         left join call_fleet_waits w on w.tenant_id = $1",
+    )
+    .bind(tenant.0)
+    .bind(user)
+    .fetch_one(pool)
+    .await?;
+    Ok(WaitContext {
+        user_in_use: row.user_in_use,
+        user_limit: row.user_limit.unwrap_or(DEFAULT_CONCURRENT_CALLS as i32),
+        tenant_in_use: row.tenant_in_use,
+        system_limit: row.system_limit.unwrap_or(DEFAULT_SYSTEM_LIMIT as i32),
+        fleet: match (row.fleet_limit, row.share, row.held) {
+            (Some(fleet_limit), Some(share), Some(held)) => Some(FleetWaitRecord {
+                fleet_limit,
+                share,
+                held,
+            }),
+            _ => None,
+        },
+    })
+}
+
+/// The user's active campaigns that still have queued calls.
+pub async fn user_runnable_campaigns(
+    pool: &PgPool,
+    tenant: TenantId,
+    user: Uuid,
+) -> Result<Vec<RunnableCampaign>, Error> {
+    Ok(sqlx::query_as(
+        "select c.id, c.user_id, c.first_call_time, c.last_call_time, c.time_zone, c.start_date
+         from call_campaigns c
+         where c.tenant_id = $1 and c.user_id = $2 and c.status = 'active'
+           and exists (select 1 from calls k where k.tenant_id = $1 and k.campaign_id = c.id
+                         and k.state = 'queued')
+         order by c.id",
+    )
+    .bind(tenant.0)
+    .bind(user)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// For each of `calls` (queued calls of `user`), how many of the user's queued calls in
+/// `open_campaigns` go before it in dispatch order (priority, then FIFO). Calls outside those
+/// campaigns, or no longer queued, are left out.
+pub async fn queued_ahead(
+    pool: &PgPool,
+    tenant: TenantId,
+    user: Uuid,
+    open_campaigns: &[Uuid],
+    calls: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, i64>, Error> {
+    if open_campaigns.is_empty() || calls.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "select id, ahead from (
+             select id, row_number() over (order by priority, seq) - 1 as ahead
+             from calls
+             where tenant_id = $1 and user_id = $2 and state = 'queued'
+               and campaign_id = any($3)
+         ) as queue
+         where id = any($4)",
+    )
+    .bind(tenant.0)
+    .bind(user)
+    .bind(open_campaigns)
+    .bind(calls)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 #[cfg(test)]

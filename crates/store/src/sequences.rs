@@ -2,8 +2,10 @@
 //! accounts, leads and where each stands, the activities each executed step leaves (one per lead
 //! and step, whatever happens to the job that runs it), and the signals inbound webhooks record.
 //!
-//! Every function is scoped by tenant. The step model itself is pure and lives in [`steps`].
+//! Every function is scoped by tenant. The step model itself is pure and lives in [`steps`];
+//! the tenant's email, LinkedIn and Instagram provider accounts in [`providers`].
 
+pub mod providers;
 pub mod steps;
 
 use std::collections::BTreeMap;
@@ -553,6 +555,9 @@ pub struct NewActivity<'a> {
     pub sender_account: Option<Uuid>,
     pub send_id: Option<Uuid>,
     pub job_id: &'a str,
+    /// When the step ran, by the handler's clock: caps count activities by this instant, in the
+    /// same clock their periods are computed in.
+    pub at: DateTime<Utc>,
 }
 
 /// Records an executed step unless the lead already has one for that step; returns whether
@@ -564,8 +569,8 @@ pub async fn record_activity(
 ) -> Result<bool, Error> {
     let inserted = sqlx::query(
         "insert into sequence_activities (tenant_id, id, sequence_id, lead_id, step, step_type,
-             channel, outcome, sender_account_id, send_id, job_id)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             channel, outcome, sender_account_id, send_id, job_id, created_at)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
          on conflict (tenant_id, lead_id, step) do nothing",
     )
     .bind(tenant.0)
@@ -579,6 +584,7 @@ pub async fn record_activity(
     .bind(activity.sender_account)
     .bind(activity.send_id)
     .bind(activity.job_id)
+    .bind(activity.at)
     .execute(conn)
     .await?
     .rows_affected();
@@ -600,6 +606,24 @@ pub async fn activity_send(
     .bind(tenant.0)
     .bind(lead)
     .bind(i64::from(step) as i32)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// The lead an action's send belongs to, and the send's channel: how a provider's event, which
+/// names only the send id, finds its lead.
+pub async fn send_lead(
+    pool: &PgPool,
+    tenant: TenantId,
+    send_id: Uuid,
+) -> Result<Option<(Uuid, String)>, Error> {
+    Ok(sqlx::query_as(
+        "select a.lead_id, s.channel from sequence_activities a
+         join sends s on s.tenant_id = a.tenant_id and s.id = a.send_id
+         where a.tenant_id = $1 and a.send_id = $2",
+    )
+    .bind(tenant.0)
+    .bind(send_id)
     .fetch_optional(pool)
     .await?)
 }

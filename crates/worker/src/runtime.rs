@@ -11,6 +11,7 @@ use herald_jobs::Deps;
 use herald_jobs::airtable::{Airtable, AirtableSettings};
 use herald_jobs::builtin::{self, Noop, Probe};
 use herald_jobs::calls::{self, CallDispatch, ReleaseSlot, Voice, VoiceSettings};
+use herald_jobs::channels::{self, ChannelSettings};
 use herald_jobs::daily::{
     self, AirtableCleanup, DailyCleanup, DailyDistribute, DailySelect, DailySync,
 };
@@ -180,9 +181,16 @@ pub async fn run(
         .build()
         .context("building the HTTP client")?;
     let mut deps = Deps::new(pool.clone(), http.clone(), args.allow_probe_abort);
-    // Voice calls (VOICE_API_URL, HERALD_CALL_SLOT_LEASE_MS, HERALD_CALL_DISPATCH_BATCH): slots
-    // live under the call_dispatch queue's hash tag in this worker's namespace.
+    // Voice calls (VOICE_API_URL, HERALD_CALL_SLOT_LEASE_MS, HERALD_CALL_DISPATCH_BATCH, and
+    // HERALD_CALL_FLEET_LIMIT, the fleet-wide cap shared fairly between tenants, unset = none):
+    // slots live under the call_dispatch queue's hash tag in this worker's namespace.
     let voice_settings = VoiceSettings::from_env().context("voice call settings")?;
+    if let Some(limit) = voice_settings.fleet_limit {
+        tracing::info!(
+            fleet_limit = limit,
+            "calls capped fleet-wide, shared between tenants"
+        );
+    }
     let voice = Voice::connect(
         http.clone(),
         voice_settings,
@@ -203,6 +211,22 @@ pub async fn run(
     .await
     .context("WhatsApp rate limiter")?;
     deps = deps.with_whatsapp(whatsapp);
+    // Sequences' email, LinkedIn and Instagram providers: each tenant's account
+    // (PUT /v1/providers/{channel}), else this worker's (EMAIL_API_URL/EMAIL_API_KEY,
+    // LINKEDIN_API_URL/LINKEDIN_API_KEY, INSTAGRAM_API_URL/INSTAGRAM_API_KEY). A tenant with
+    // neither has those steps retry with a reason.
+    let channel_settings = ChannelSettings::from_env();
+    tracing::info!(
+        email = channel_settings.email.api_url.is_some(),
+        linkedin = channel_settings.linkedin.api_url.is_some(),
+        instagram = channel_settings.instagram.api_url.is_some(),
+        "sequence channel providers with a worker-wide URL"
+    );
+    deps = deps.with_sequence_connectors(channels::connectors(
+        http.clone(),
+        pool.clone(),
+        &channel_settings,
+    ));
     // Airtable (AIRTABLE_API_URL, AIRTABLE_TOKEN, AIRTABLE_BASE_ID, HERALD_AIRTABLE_*): without
     // it the daily assignment's sync and cleanup jobs retry with a reason.
     match AirtableSettings::from_env().context("Airtable settings")? {

@@ -192,6 +192,28 @@ pub(super) fn paths() -> Value {
                 "404": error_response("No such campaign for this tenant.")
             }))
         }},
+        "/v1/call-campaigns/{id}/calls": {"get": {
+            "summary": "The campaign's calls in dispatch order (named contacts first, then in the order given), each queued one with `waiting`: why it is not running yet (campaign_paused, start_date_in_future, outside_window, user_limit, system_limit, fleet_limit, waiting_turn), computed from the state at the time of the request.",
+            "parameters": [
+                campaign_param(),
+                param("state", "query", "Only calls in this state.", json!({"type": "string", "enum": ["queued", "dialing", "in_call", "completed", "failed", "cancelled", "busy", "no-answer"]})),
+                param("limit", "query", "Most calls returned.", json!({"type": "integer", "minimum": 1, "maximum": 500, "default": 100})),
+                param("cursor", "query", "The next_cursor of the previous page.", json!({"type": "string"}))
+            ],
+            "responses": tenant_only(json!({
+                "200": json_response("The calls.", "CallList"),
+                "400": error_response("Bad state, limit or cursor."),
+                "404": error_response("No such campaign for this tenant.")
+            }))
+        }},
+        "/v1/calls/{id}": {"get": {
+            "summary": "One call; a queued one with `waiting`: why it is not running yet.",
+            "parameters": [param("id", "path", "A call id.", json!({"type": "string", "format": "uuid"}))],
+            "responses": tenant_only(json!({
+                "200": json_response("The call.", "CallEnvelope"),
+                "404": error_response("No such call for this tenant.")
+            }))
+        }},
         "/v1/call-campaigns/{id}:pause": campaign_action("Pause: no new calls are dispatched; calls in progress finish."),
         "/v1/call-campaigns/{id}:resume": campaign_action("Resume a paused campaign; dispatch continues at once."),
         "/v1/call-campaigns/{id}:cancel": campaign_action("Cancel: queued calls are cancelled; calls in progress finish."),
@@ -213,7 +235,7 @@ pub(super) fn paths() -> Value {
 }
 
 pub(super) fn schemas() -> Value {
-    json!({
+    let mut schemas = json!({
         "CallUserRequest": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
             "name": {"type": "string"}, "concurrent_calls_limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 2}
         }},
@@ -303,5 +325,50 @@ pub(super) fn schemas() -> Value {
             "cancelled_calls": {"type": "integer"}
         }},
         "CallCampaignList": {"type": "object", "properties": {"campaigns": {"type": "array", "items": {"$ref": "#/components/schemas/CallCampaign"}}}}
+    });
+    if let (Value::Object(all), Value::Object(views)) = (&mut schemas, call_view_schemas()) {
+        all.extend(views);
+    }
+    schemas
+}
+
+/// The calls' view schemas: a call, why a queued one waits, a page of calls.
+fn call_view_schemas() -> Value {
+    json!({
+        "CallWaiting": {"type": "object", "required": ["reason", "detail"],
+            "description": "Why a queued call is not running yet: the first of these that applies, in the order dispatch meets them.",
+            "properties": {
+                "reason": {"type": "string", "enum": ["campaign_paused", "start_date_in_future", "outside_window", "user_limit", "system_limit", "fleet_limit", "waiting_turn"]},
+                "detail": {"type": "string", "description": "The reason in a sentence."},
+                "pause_reason": {"type": "string", "nullable": true, "description": "campaign_paused: why the campaign was paused."},
+                "opens_at": {"type": "string", "format": "date-time", "description": "start_date_in_future, outside_window: when the calling window opens next."},
+                "in_use": {"type": "integer", "description": "user_limit, system_limit: calls in progress."},
+                "limit": {"type": "integer", "description": "user_limit, system_limit: the limit; fleet_limit: the fleet-wide cap."},
+                "share": {"type": "integer", "description": "fleet_limit: the tenant's fair share of the cap while other tenants compete."},
+                "held": {"type": "integer", "description": "fleet_limit: the fleet slots the tenant held when its dispatch was refused."},
+                "ahead": {"type": "integer", "description": "waiting_turn: calls of the same user that go first (0: it is the user's next call)."}
+            }
+        },
+        "Call": {"type": "object", "properties": {
+            "id": {"type": "string", "format": "uuid"}, "campaign_id": {"type": "string", "format": "uuid"},
+            "user_id": {"type": "string", "format": "uuid"}, "contact_id": {"type": "string", "format": "uuid"},
+            "phone": {"type": "string"}, "name": {"type": "string", "nullable": true},
+            "priority": {"type": "integer", "description": "0 for a named contact (called first), 1 otherwise."},
+            "seq": {"type": "integer", "description": "The order calls were queued in (FIFO within a priority)."},
+            "state": {"type": "string", "enum": ["queued", "dialing", "in_call", "completed", "failed", "cancelled", "busy", "no-answer"]},
+            "outcome": {"type": "string", "nullable": true}, "ended_reason": {"type": "string", "nullable": true},
+            "error": {"type": "string", "nullable": true}, "duration_ms": {"type": "integer", "nullable": true},
+            "attempts": {"type": "integer"}, "provider_call_id": {"type": "string", "nullable": true},
+            "slot_turn": {"type": "integer", "nullable": true, "description": "The tenant's turn at which the call was granted its slot: the order calls were admitted in (starts again after the tenant has been idle for twice the slot lease)."},
+            "dialed_at": {"type": "string", "format": "date-time", "nullable": true, "description": "When the call's slot was granted (its lease runs from then)."},
+            "ended_at": {"type": "string", "format": "date-time", "nullable": true},
+            "created_at": {"type": "string", "format": "date-time"},
+            "waiting": {"allOf": [{"$ref": "#/components/schemas/CallWaiting"}], "nullable": true, "description": "Set for queued calls only."}
+        }},
+        "CallList": {"type": "object", "properties": {
+            "calls": {"type": "array", "items": {"$ref": "#/components/schemas/Call"}},
+            "next_cursor": {"type": "string", "nullable": true, "description": "Pass as cursor for the next page; null on the last one."}
+        }},
+        "CallEnvelope": {"type": "object", "properties": {"call": {"$ref": "#/components/schemas/Call"}}}
     })
 }

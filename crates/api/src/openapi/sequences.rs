@@ -26,8 +26,24 @@ fn action(summary: &str) -> Value {
     }})
 }
 
+fn provider(channel: &str, env: &str) -> Value {
+    json!({"put": {
+        "summary": format!("Set the tenant's {channel} provider account for sequences: api_url (defaults to the workers' {env}), api_key (bearer key herald calls with) and webhook_secret (the provider signs its events to POST /v1/webhooks/sequences/{{tenant_id}} with it). The answer names no secret. Wire formats: docs/providers.md."),
+        "requestBody": json_body("ChannelProvider"),
+        "responses": tenant_only(json!({
+            "200": json_response("Saved.", "ChannelProviderSaved"),
+            "400": error_response("Malformed JSON."),
+            "415": error_response("Content-Type is not application/json."),
+            "422": error_response("A field is wrong; error.field names it.")
+        }))
+    }})
+}
+
 pub(super) fn paths() -> Value {
     json!({
+        "/v1/providers/email": provider("email", "EMAIL_API_URL"),
+        "/v1/providers/linkedin": provider("LinkedIn", "LINKEDIN_API_URL"),
+        "/v1/providers/instagram": provider("Instagram", "INSTAGRAM_API_URL"),
         "/v1/sequences": {
             "post": {
                 "summary": "Create a draft sequence: ordered steps and sending rules, validated now (and again before each step runs). Message templates may use {{first_name}}, {{last_name}}, {{company_name}}, {{title}}, {{email}}, {{phone}}, {{linkedin_url}}, {{instagram_handle}}.",
@@ -86,7 +102,7 @@ pub(super) fn paths() -> Value {
             }))
         }},
         "/v1/webhooks/sequences/{tenant_id}": {"post": {
-            "summary": "Inbound events about a lead ({lead_id, event: replied|opened|clicked|connected}), signed with X-Herald-Signature: sha256=<hex HMAC-SHA256 of the raw body with the tenant's HMAC secret>. A reply stops the lead's sequence; a repeated event changes nothing.",
+            "summary": "Inbound events about leads and their sends: one event {lead_id | send_id, event, at?, reason?} or {events: [...]} (1 to 1000). event: replied, opened, clicked, connected (recorded on the lead; a reply stops it; the send moves to read) or delivered, bounced, failed (the send's status, forward only). Signed with X-Herald-Signature: sha256=<hex HMAC-SHA256 of the raw body> with the tenant's HMAC secret, or with a provider's webhook_secret (which covers only that channel's sends, by send_id). A repeated or late event changes nothing.",
             "security": [],
             "parameters": [
                 param("tenant_id", "path", "The tenant the lead belongs to.", json!({"type": "string", "format": "uuid"})),
@@ -94,11 +110,11 @@ pub(super) fn paths() -> Value {
             ],
             "requestBody": json_body("SequenceEvent"),
             "responses": {
-                "200": json_response("Recorded (new: false for a repeat).", "SequenceEventOutcome"),
+                "200": json_response("Recorded: for one event, new is false for a repeat; for a batch, counts and one outcome (new, repeat, unknown) per event.", "SequenceEventOutcome"),
                 "400": error_response("A signed body that is not JSON."),
                 "401": error_response("Missing or invalid signature: nothing changed."),
-                "404": error_response("No such lead for this tenant."),
-                "422": error_response("lead_id or event is wrong.")
+                "404": error_response("One event about a lead or send this tenant does not have (a batch reports it as unknown instead)."),
+                "422": error_response("An event is wrong; error.field names it (events[3].event). Nothing was applied.")
             }
         }}
     })
@@ -153,9 +169,25 @@ pub(super) fn schemas() -> Value {
             }}},
             "signals": {"type": "array", "items": {"type": "object", "properties": {"signal": {"type": "string"}, "at": {"type": "string", "format": "date-time"}}}}
         }},
-        "SequenceEvent": {"type": "object", "required": ["lead_id", "event"], "additionalProperties": false, "properties": {
-            "lead_id": {"type": "string", "format": "uuid"}, "event": {"type": "string", "enum": ["replied", "opened", "clicked", "connected"]}
+        "SequenceEvent": {"type": "object", "additionalProperties": false, "description": "One event, or {\"events\": [event, ...]} (1 to 1000). An event has lead_id or send_id (not both); a provider-signed event must use send_id.", "properties": {
+            "lead_id": {"type": "string", "format": "uuid"}, "send_id": {"type": "string", "format": "uuid"},
+            "event": {"type": "string", "enum": ["replied", "opened", "clicked", "connected", "delivered", "bounced", "failed"]},
+            "at": {"type": "string", "format": "date-time", "description": "When it happened at the provider (informative)."},
+            "reason": {"type": "string", "description": "Why a send bounced or failed; kept on the send."},
+            "events": {"type": "array", "maxItems": 1000, "items": {"type": "object"}}
         }},
-        "SequenceEventOutcome": {"type": "object", "properties": {"lead_id": {"type": "string"}, "event": {"type": "string"}, "new": {"type": "boolean"}}}
+        "SequenceEventOutcome": {"type": "object", "properties": {
+            "lead_id": {"type": "string"}, "send_id": {"type": "string"}, "event": {"type": "string"}, "new": {"type": "boolean"},
+            "received": {"type": "integer"}, "repeats": {"type": "integer"}, "unknown": {"type": "integer"},
+            "results": {"type": "array", "items": {"type": "object", "properties": {"send_id": {"type": "string"}, "lead_id": {"type": "string"}, "event": {"type": "string"}, "outcome": {"type": "string", "enum": ["new", "repeat", "unknown"]}}}}
+        }},
+        "ChannelProvider": {"type": "object", "required": ["api_key", "webhook_secret"], "additionalProperties": false, "properties": {
+            "api_url": {"type": "string", "nullable": true, "description": "The provider's base URL; null or absent: the workers' <CHANNEL>_API_URL."},
+            "api_key": {"type": "string", "maxLength": 4096}, "webhook_secret": {"type": "string", "maxLength": 4096}
+        }},
+        "ChannelProviderSaved": {"type": "object", "properties": {
+            "provider": {"type": "string", "enum": ["email", "linkedin", "instagram"]}, "api_url": {"type": "string", "nullable": true},
+            "webhook_path": {"type": "string", "description": "Where the provider posts its events: /v1/webhooks/sequences/{tenant_id}."}
+        }}
     })
 }

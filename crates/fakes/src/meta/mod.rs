@@ -12,12 +12,16 @@
 //!
 //! For tests: every accepted message is recorded with the instant it was accepted
 //! ([`MetaFake::messages`]), counters ([`MetaFake::stats`]), faults for the next requests
-//! ([`Fault`]), and status webhooks sent back to herald signed with the app secret
-//! ([`MetaFake::send_statuses`]), optionally shuffled and duplicated. The same inspection is
-//! served under `/__fake/messages` and `/__fake/stats`.
+//! ([`Fault`]) or spread through a run ([`RecurringFaults`]), answers held back on demand
+//! ([`MetaFakeState::hold_answers`]: the message is sent, the client cannot know it), and status
+//! webhooks sent back to herald signed with the app secret, either on demand
+//! ([`MetaFake::send_statuses`], optionally shuffled and duplicated) or on their own after each
+//! accepted message ([`StatusWebhooks`]: random delays, so out of order, and duplicates). The same
+//! inspection is served under `/__fake/messages` and `/__fake/stats`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,11 +33,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hmac::{Hmac, Mac};
+use rand::Rng as _;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::Sha256;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -46,6 +51,8 @@ pub struct MetaFakeConfig {
     pub pair_interval: Duration,
     /// Accepted bearer tokens; empty accepts any non-empty token.
     pub tokens: Vec<String>,
+    /// Faults spread through a run (none by default).
+    pub recurring_faults: Option<RecurringFaults>,
 }
 
 impl Default for MetaFakeConfig {
@@ -54,8 +61,18 @@ impl Default for MetaFakeConfig {
             per_number_mps: 80,
             pair_interval: Duration::from_secs(6),
             tokens: Vec::new(),
+            recurring_faults: None,
         }
     }
+}
+
+/// Faults spread through a run: every `every`-th well-formed, authorised request (counted from
+/// the fake's start) is answered with the next fault of `cycle`, round and round. Faults queued
+/// with [`MetaFakeState::inject`] come first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecurringFaults {
+    pub every: u64,
+    pub cycle: Vec<Fault>,
 }
 
 /// A fault answered instead of the next requests' normal outcome.
@@ -103,6 +120,11 @@ pub struct Stats {
     pub server_errors: u64,
     pub unauthorized: u64,
     pub rejected: u64,
+    /// Status events posted by [`StatusWebhooks`] (each copy counts), the requests that carried
+    /// them, and the requests herald did not answer 2xx (their events are posted again).
+    pub webhook_events: u64,
+    pub webhook_requests: u64,
+    pub webhook_failures: u64,
 }
 
 impl Stats {
@@ -110,6 +132,58 @@ impl Stats {
     pub fn throttled(&self) -> u64 {
         self.throughput_errors + self.pair_rate_errors + self.too_many_requests
     }
+}
+
+/// The statuses an accepted message goes through, in Meta's order (e.g. `["sent",
+/// "delivered", "read"]` or `["sent", "failed"]`); empty: no webhook for it.
+pub type StatusPath = Arc<dyn Fn(&SentMessage) -> Vec<&'static str> + Send + Sync>;
+
+/// Status webhooks the fake posts on its own after each accepted message, as Meta does: each
+/// event after a random delay of its own (so a later status may overtake an earlier one), some
+/// twice, several events per request, signed with the app secret. A request herald does not
+/// answer 2xx is posted again half a second later, as Meta retries.
+#[derive(Clone)]
+pub struct StatusWebhooks {
+    pub target: WebhookTarget,
+    pub path: StatusPath,
+    /// Each event is posted this long after its message was accepted, chosen per event.
+    pub delay: RangeInclusive<Duration>,
+    /// The chance (0.0 to 1.0) that an event is posted a second time, with a delay of its own.
+    pub duplicate: f64,
+    /// Most events per request.
+    pub batch: usize,
+}
+
+impl StatusWebhooks {
+    /// Every event once, within 200 ms, 50 per request.
+    pub fn new(target: WebhookTarget, path: StatusPath) -> Self {
+        Self {
+            target,
+            path,
+            delay: Duration::ZERO..=Duration::from_millis(200),
+            duplicate: 0.0,
+            batch: 50,
+        }
+    }
+}
+
+impl std::fmt::Debug for StatusWebhooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusWebhooks")
+            .field("target", &self.target.url)
+            .field("delay", &self.delay)
+            .field("duplicate", &self.duplicate)
+            .field("batch", &self.batch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A status event waiting for its instant.
+#[derive(Debug)]
+struct PendingEvent {
+    due: Instant,
+    phone_number_id: String,
+    event: Value,
 }
 
 #[derive(Debug)]
@@ -121,17 +195,54 @@ struct Inner {
     messages: Vec<SentMessage>,
     faults: VecDeque<Fault>,
     stats: Stats,
+    /// Answers waiting for [`MetaFakeState::release_answers`].
+    held: usize,
+    webhooks: Option<StatusWebhooks>,
+    webhooks_paused: bool,
+    pending_events: Vec<PendingEvent>,
+    /// Events taken for posting and not yet answered.
+    posting_events: usize,
+}
+
+impl Inner {
+    /// The recurring fault due for the request just counted, if any.
+    fn recurring_fault(&self) -> Option<Fault> {
+        let plan = self.config.recurring_faults.as_ref()?;
+        let requests = self.stats.requests;
+        if plan.every == 0 || plan.cycle.is_empty() || !requests.is_multiple_of(plan.every) {
+            return None;
+        }
+        let turn = (requests / plan.every - 1) % plan.cycle.len() as u64;
+        plan.cycle.get(turn as usize).copied()
+    }
 }
 
 /// The fake's shared state. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct MetaFakeState {
     inner: Arc<Mutex<Inner>>,
+    /// `true` while answers are held back.
+    holding: Arc<watch::Sender<bool>>,
 }
 
 enum Outcome {
-    Accepted(Box<SentMessage>, Option<Duration>),
+    /// Sent; answer after the stall, if any, and after the hold, if `held`.
+    Accepted {
+        message: Box<SentMessage>,
+        stall: Option<Duration>,
+        held: bool,
+    },
     Refused(Response),
+}
+
+/// Gives a held answer back to the count when its request ends, answered or dropped.
+struct HeldAnswer(MetaFakeState);
+
+impl Drop for HeldAnswer {
+    fn drop(&mut self) {
+        let mut inner = self.0.lock();
+        inner.held = inner.held.saturating_sub(1);
+    }
 }
 
 fn meta_error(status: StatusCode, code: i64, message: &str, details: &str) -> Response {
@@ -174,7 +285,13 @@ impl MetaFakeState {
                 messages: Vec::new(),
                 faults: VecDeque::new(),
                 stats: Stats::default(),
+                held: 0,
+                webhooks: None,
+                webhooks_paused: false,
+                pending_events: Vec::new(),
+                posting_events: 0,
             })),
+            holding: Arc::new(watch::channel(false).0),
         }
     }
 
@@ -201,6 +318,120 @@ impl MetaFakeState {
     /// Changes the per-number limit while running (0: unlimited).
     pub fn set_per_number_mps(&self, mps: u32) {
         self.lock().config.per_number_mps = mps;
+    }
+
+    /// From now on, accepted messages are sent (recorded, counted, their webhooks scheduled) but
+    /// their answers wait until [`release_answers`](Self::release_answers): a client that dies
+    /// meanwhile cannot know its message went out.
+    pub fn hold_answers(&self) {
+        self.holding.send_replace(true);
+    }
+
+    /// Answers every held request and stops holding.
+    pub fn release_answers(&self) {
+        self.holding.send_replace(false);
+    }
+
+    /// Requests whose message was sent and whose answer is held right now.
+    pub fn held_answers(&self) -> usize {
+        self.lock().held
+    }
+
+    /// Posts status webhooks on their own after each message accepted from now on (`None`:
+    /// stops, and forgets events not yet posted). Needs the running server ([`spawn`]).
+    pub fn set_status_webhooks(&self, webhooks: Option<StatusWebhooks>) {
+        let mut inner = self.lock();
+        if webhooks.is_none() {
+            inner.pending_events.clear();
+        }
+        inner.webhooks = webhooks;
+    }
+
+    /// While paused, status events are kept (and their instants pass); resuming posts the due
+    /// ones at once.
+    pub fn pause_status_webhooks(&self, paused: bool) {
+        self.lock().webhooks_paused = paused;
+    }
+
+    /// Status events scheduled and not yet answered 2xx by herald.
+    pub fn status_webhooks_pending(&self) -> usize {
+        let inner = self.lock();
+        inner.pending_events.len() + inner.posting_events
+    }
+
+    /// Schedules the status events of a message just accepted.
+    fn schedule_statuses(inner: &mut Inner, message: &SentMessage, now: Instant) {
+        let Some(webhooks) = &inner.webhooks else {
+            return;
+        };
+        let path = (webhooks.path)(message);
+        let (low, high) = (*webhooks.delay.start(), *webhooks.delay.end());
+        let duplicate = webhooks.duplicate.clamp(0.0, 1.0);
+        let accepted_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut rng = rand::thread_rng();
+        let mut delay = || {
+            if high > low {
+                rng.gen_range(low..=high)
+            } else {
+                low
+            }
+        };
+        let mut scheduled = Vec::new();
+        for (step, status) in path.iter().enumerate() {
+            let event = status_event(message, status, accepted_unix + step as u64);
+            scheduled.push(PendingEvent {
+                due: now + delay(),
+                phone_number_id: message.phone_number_id.clone(),
+                event: event.clone(),
+            });
+            if duplicate > 0.0 && rand::thread_rng().gen_bool(duplicate) {
+                scheduled.push(PendingEvent {
+                    due: now + delay(),
+                    phone_number_id: message.phone_number_id.clone(),
+                    event,
+                });
+            }
+        }
+        inner.pending_events.extend(scheduled);
+    }
+
+    /// The events due by `now` (none while paused), in random order, with where to post them.
+    fn take_due_events(&self, now: Instant) -> Option<(StatusWebhooks, Vec<PendingEvent>)> {
+        let mut inner = self.lock();
+        if inner.webhooks_paused || inner.pending_events.is_empty() {
+            return None;
+        }
+        let webhooks = inner.webhooks.clone()?;
+        let (mut due, later): (Vec<PendingEvent>, Vec<PendingEvent>) =
+            inner.pending_events.drain(..).partition(|e| e.due <= now);
+        inner.pending_events = later;
+        if due.is_empty() {
+            return None;
+        }
+        inner.posting_events += due.len();
+        due.shuffle(&mut rand::thread_rng());
+        Some((webhooks, due))
+    }
+
+    /// Records a posted request: answered 2xx, or its events go back for another try.
+    fn posted(&self, mut events: Vec<PendingEvent>, ok: bool) {
+        let mut inner = self.lock();
+        inner.posting_events = inner.posting_events.saturating_sub(events.len());
+        inner.stats.webhook_requests += 1;
+        if ok {
+            inner.stats.webhook_events += events.len() as u64;
+        } else {
+            inner.stats.webhook_failures += 1;
+            if inner.webhooks.is_some() {
+                let retry_at = Instant::now() + WEBHOOK_RETRY;
+                for event in &mut events {
+                    event.due = retry_at;
+                }
+                inner.pending_events.extend(events);
+            }
+        }
     }
 
     fn handle(&self, phone_number_id: &str, token: Option<&str>, body: &[u8]) -> Outcome {
@@ -246,7 +477,11 @@ impl MetaFakeState {
         }
         let now = Instant::now();
         let mut stall = None;
-        match inner.faults.pop_front() {
+        let fault = match inner.faults.pop_front() {
+            Some(fault) => Some(fault),
+            None => inner.recurring_fault(),
+        };
+        match fault {
             Some(Fault::Throughput) => {
                 inner.stats.throughput_errors += 1;
                 return Outcome::Refused(throughput_error());
@@ -322,8 +557,17 @@ impl MetaFakeState {
                 .map(str::to_owned),
             payload,
         };
+        Self::schedule_statuses(&mut inner, &message, now);
         inner.messages.push(message.clone());
-        Outcome::Accepted(Box::new(message), stall)
+        let held = *self.holding.borrow();
+        if held {
+            inner.held += 1;
+        }
+        Outcome::Accepted {
+            message: Box::new(message),
+            stall,
+            held,
+        }
     }
 }
 
@@ -351,7 +595,16 @@ async fn send_message(
     }
     match state.handle(&phone_number_id, bearer_token(&headers), &body) {
         Outcome::Refused(response) => response,
-        Outcome::Accepted(message, stall) => {
+        Outcome::Accepted {
+            message,
+            stall,
+            held,
+        } => {
+            if held {
+                let _held = HeldAnswer(state.clone());
+                let mut holding = state.holding.subscribe();
+                let _ = holding.wait_for(|holding| !*holding).await;
+            }
             if let Some(wait) = stall {
                 tokio::time::sleep(wait).await;
             }
@@ -378,6 +631,53 @@ pub fn router(state: MetaFakeState) -> Router {
             get(|State(s): State<MetaFakeState>| async move { Json(json!(s.stats())) }),
         )
         .with_state(state)
+}
+
+/// How often the poster looks for due status events.
+const WEBHOOK_TICK: Duration = Duration::from_millis(10);
+/// How long status events herald did not take wait before they are posted again.
+const WEBHOOK_RETRY: Duration = Duration::from_millis(500);
+/// How long one webhook request may take.
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Posts the status events [`StatusWebhooks`] scheduled, as they fall due, until aborted.
+async fn post_status_webhooks(state: MetaFakeState, http: reqwest::Client) {
+    let mut tick = tokio::time::interval(WEBHOOK_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some((webhooks, due)) = state.take_due_events(Instant::now()) else {
+            continue;
+        };
+        let mut by_number: HashMap<String, Vec<PendingEvent>> = HashMap::new();
+        for event in due {
+            by_number
+                .entry(event.phone_number_id.clone())
+                .or_default()
+                .push(event);
+        }
+        for (number, mut events) in by_number {
+            while !events.is_empty() {
+                let rest = events.split_off(webhooks.batch.max(1).min(events.len()));
+                let chunk = std::mem::replace(&mut events, rest);
+                let statuses: Vec<Value> = chunk.iter().map(|e| e.event.clone()).collect();
+                let body = webhook_body(&number, &statuses).to_string();
+                let ok = http
+                    .post(&webhooks.target.url)
+                    .timeout(WEBHOOK_TIMEOUT)
+                    .header("content-type", "application/json")
+                    .header(
+                        "x-hub-signature-256",
+                        signature(&webhooks.target.app_secret, body.as_bytes()),
+                    )
+                    .body(body)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                state.posted(chunk, ok);
+            }
+        }
+    }
 }
 
 /// How status webhooks are sent back.
@@ -458,6 +758,7 @@ pub struct MetaFake {
     http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<std::io::Result<()>>>,
+    webhooks: JoinHandle<()>,
 }
 
 /// Starts the fake on `127.0.0.1` on a free port.
@@ -481,12 +782,15 @@ pub async fn spawn_on(addr: SocketAddr, config: MetaFakeConfig) -> anyhow::Resul
             })
             .await
     });
+    let http = reqwest::Client::new();
+    let webhooks = tokio::spawn(post_status_webhooks(state.clone(), http.clone()));
     Ok(MetaFake {
         addr,
         state,
-        http: reqwest::Client::new(),
+        http,
         stop: Some(stop),
         server: Some(server),
+        webhooks,
     })
 }
 
@@ -547,6 +851,9 @@ impl MetaFake {
     }
 
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.webhooks.abort();
+        // A held answer would keep the graceful shutdown waiting.
+        self.state.release_answers();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -562,6 +869,8 @@ impl MetaFake {
 
 impl Drop for MetaFake {
     fn drop(&mut self) {
+        self.webhooks.abort();
+        self.state.release_answers();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -587,7 +896,7 @@ mod tests {
         });
         assert!(matches!(
             state.handle("1", Some("t"), &payload("1555000001")),
-            Outcome::Accepted(..)
+            Outcome::Accepted { .. }
         ));
         assert!(matches!(
             state.handle("1", Some("t"), &payload("1555000001")),
@@ -595,7 +904,7 @@ mod tests {
         ));
         assert!(matches!(
             state.handle("1", Some("t"), &payload("1555000002")),
-            Outcome::Accepted(..)
+            Outcome::Accepted { .. }
         ));
         assert!(matches!(
             state.handle("1", Some("t"), &payload("1555000003")),
@@ -603,7 +912,7 @@ mod tests {
         ));
         assert!(matches!(
             state.handle("2", Some("t"), &payload("1555000003")),
-            Outcome::Accepted(..)
+            Outcome::Accepted { .. }
         ));
         assert!(matches!(
             state.handle("2", None, &payload("1555000004")),
@@ -614,5 +923,137 @@ mod tests {
         assert_eq!(stats.pair_rate_errors, 1);
         assert_eq!(stats.throughput_errors, 1);
         assert_eq!(stats.unauthorized, 1);
+    }
+
+    #[tokio::test]
+    async fn recurring_faults_are_spread_through_the_run() {
+        let state = MetaFakeState::new(MetaFakeConfig {
+            pair_interval: Duration::ZERO,
+            recurring_faults: Some(RecurringFaults {
+                every: 3,
+                cycle: vec![Fault::Throughput, Fault::PairRate, Fault::TooManyRequests],
+            }),
+            ..MetaFakeConfig::default()
+        });
+        let outcomes: Vec<bool> = (0..9)
+            .map(|i| {
+                matches!(
+                    state.handle("1", Some("t"), &payload(&format!("155500000{i}"))),
+                    Outcome::Accepted { .. }
+                )
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            [true, true, false, true, true, false, true, true, false]
+        );
+        let stats = state.stats();
+        assert_eq!(
+            (
+                stats.throughput_errors,
+                stats.pair_rate_errors,
+                stats.too_many_requests
+            ),
+            (1, 1, 1)
+        );
+        assert_eq!(stats.throttled(), 3);
+    }
+
+    #[tokio::test]
+    async fn held_answers_wait_and_status_webhooks_follow_on_their_own() {
+        const SECRET: &str = "s3cret";
+        // herald's side: records every event of every correctly signed webhook.
+        let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let sink = received.clone();
+        let app = Router::new().route(
+            "/hook",
+            post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    let signed = headers
+                        .get("x-hub-signature-256")
+                        .and_then(|v| v.to_str().ok())
+                        == Some(signature(SECRET, &body).as_str());
+                    if !signed {
+                        return StatusCode::UNAUTHORIZED;
+                    }
+                    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let events = body["entry"][0]["changes"][0]["value"]["statuses"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    sink.lock().unwrap().extend(events);
+                    StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let fake = spawn(MetaFakeConfig::default()).await.unwrap();
+        let mut webhooks = StatusWebhooks::new(
+            WebhookTarget {
+                url: hook,
+                app_secret: SECRET.into(),
+            },
+            Arc::new(|_: &SentMessage| vec!["sent", "delivered", "read"]),
+        );
+        webhooks.delay = Duration::ZERO..=Duration::from_millis(30);
+        webhooks.duplicate = 1.0;
+        fake.state().set_status_webhooks(Some(webhooks));
+        fake.state().pause_status_webhooks(true);
+        fake.state().hold_answers();
+
+        let url = format!("{}/v21.0/123/messages", fake.base_url());
+        let request = tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth("t")
+                .header("content-type", "application/json")
+                .body(payload("15550000001"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        });
+        for _ in 0..200 {
+            if fake.state().held_answers() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(fake.state().held_answers(), 1);
+        assert_eq!(fake.messages().len(), 1, "sent before it is answered");
+        assert!(!request.is_finished());
+        fake.state().release_answers();
+        assert_eq!(request.await.unwrap().unwrap(), 200);
+        assert_eq!(fake.state().held_answers(), 0);
+
+        // Paused: nothing posted; resumed: three statuses, each twice.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(received.lock().unwrap().is_empty());
+        assert_eq!(fake.state().status_webhooks_pending(), 6);
+        fake.state().pause_status_webhooks(false);
+        for _ in 0..300 {
+            if fake.state().status_webhooks_pending() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let events = received.lock().unwrap().clone();
+        assert_eq!(events.len(), 6, "{events:?}");
+        let wamid = &fake.messages()[0].wamid;
+        for status in ["sent", "delivered", "read"] {
+            assert_eq!(
+                events
+                    .iter()
+                    .filter(|e| e["status"] == status && e["id"] == wamid.as_str())
+                    .count(),
+                2
+            );
+        }
+        let stats = fake.stats();
+        assert_eq!((stats.webhook_events, stats.webhook_failures), (6, 0));
+        fake.shutdown().await.unwrap();
     }
 }

@@ -14,8 +14,9 @@
 //! Faults for tests ([`WebhookFaults`]): a call's webhooks may be sent twice, late, or never.
 //!
 //! Inspection: [`VapiFake::state`] (and `GET /__fake/stats`, `GET /__fake/calls`): every call
-//! placed in order, the most calls ever active at once in total and per value of a metadata key
-//! (herald's user), refusals, webhooks sent.
+//! placed in order, the most calls ever active at once in total, per value of a metadata key
+//! (herald's user) and per value of another (herald's tenant, for fakes several tenants share),
+//! refusals, webhooks sent.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -63,6 +64,8 @@ pub struct VapiFakeConfig {
     pub webhook_secret: String,
     /// The metadata key whose value groups calls for the per-group concurrency figure.
     pub group_by: String,
+    /// The metadata key whose value names the calls' tenant, for the per-tenant figure.
+    pub tenant_by: String,
     pub faults: WebhookFaults,
 }
 
@@ -75,6 +78,7 @@ impl Default for VapiFakeConfig {
             webhook_url: None,
             webhook_secret: String::new(),
             group_by: "user_id".into(),
+            tenant_by: "tenant_id".into(),
             faults: WebhookFaults::default(),
         }
     }
@@ -106,6 +110,15 @@ pub fn unix_micros() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
+/// The string value of a metadata key ("" when absent), for grouping calls.
+fn metadata_value(metadata: &Map<String, Value>, key: &str) -> String {
+    metadata
+        .get(key)
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned()
+}
+
 /// The fake's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct VapiStats {
@@ -116,6 +129,7 @@ pub struct VapiStats {
     pub active: usize,
     pub max_active: usize,
     pub max_active_by_group: BTreeMap<String, usize>,
+    pub max_active_by_tenant: BTreeMap<String, usize>,
     pub webhooks_sent: u64,
     pub webhooks_failed: u64,
     pub webhooks_dropped: u64,
@@ -127,6 +141,7 @@ struct Inner {
     calls: Vec<PlacedCall>,
     index: HashMap<String, usize>,
     active_by_group: HashMap<String, usize>,
+    active_by_tenant: HashMap<String, usize>,
     stats: VapiStats,
 }
 
@@ -152,6 +167,7 @@ impl VapiFakeState {
                 calls: Vec::new(),
                 index: HashMap::new(),
                 active_by_group: HashMap::new(),
+                active_by_tenant: HashMap::new(),
                 stats: VapiStats::default(),
             })),
             http: reqwest::Client::new(),
@@ -257,11 +273,8 @@ impl VapiFakeState {
             ));
         }
         let metadata = body["metadata"].as_object().cloned().unwrap_or_default();
-        let group = metadata
-            .get(&inner.config.group_by)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
+        let group = metadata_value(&metadata, &inner.config.group_by);
+        let tenant = metadata_value(&metadata, &inner.config.tenant_by);
         let mut rng = rand::thread_rng();
         let (lo, hi) = (
             inner.config.talk.start().as_millis() as u64,
@@ -293,6 +306,13 @@ impl VapiFakeState {
         };
         let max = inner.stats.max_active_by_group.entry(group).or_insert(0);
         *max = (*max).max(in_group);
+        let in_tenant = {
+            let n = inner.active_by_tenant.entry(tenant.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let max = inner.stats.max_active_by_tenant.entry(tenant).or_insert(0);
+        *max = (*max).max(in_tenant);
         let position = inner.calls.len();
         inner.calls.push(call.clone());
         inner.index.insert(id, position);
@@ -310,13 +330,12 @@ impl VapiFakeState {
         call.ended = true;
         call.ended_at_us = Some(unix_micros());
         let call = call.clone();
-        let group = call
-            .metadata
-            .get(&inner.config.group_by)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
+        let group = metadata_value(&call.metadata, &inner.config.group_by);
+        let tenant = metadata_value(&call.metadata, &inner.config.tenant_by);
         if let Some(n) = inner.active_by_group.get_mut(&group) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(n) = inner.active_by_tenant.get_mut(&tenant) {
             *n = n.saturating_sub(1);
         }
         inner.stats.active = inner.stats.active.saturating_sub(1);
@@ -478,5 +497,49 @@ impl Drop for VapiFake {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn peaks_are_kept_per_user_and_per_tenant() {
+        let fake = spawn(VapiFakeConfig {
+            talk: Duration::from_secs(30)..=Duration::from_secs(30),
+            ..VapiFakeConfig::default()
+        })
+        .await
+        .unwrap();
+        let http = reqwest::Client::new();
+        let place = |tenant: &str, user: &str, number: &str| {
+            http.post(format!("{}/call", fake.base_url()))
+                .bearer_auth("key")
+                .json(&json!({
+                    "assistantId": "a", "phoneNumberId": "p",
+                    "customer": {"number": number},
+                    "metadata": {"tenant_id": tenant, "user_id": user}
+                }))
+                .send()
+        };
+        for (tenant, user, number) in [
+            ("t1", "u1", "+15550000001"),
+            ("t1", "u1", "+15550000002"),
+            ("t1", "u2", "+15550000003"),
+            ("t2", "u3", "+15550000004"),
+        ] {
+            let answer = place(tenant, user, number).await.unwrap();
+            assert_eq!(answer.status(), StatusCode::CREATED);
+        }
+        let first = fake.state().calls()[0].id.clone();
+        assert!(fake.state().end_call(&first));
+        place("t1", "u1", "+15550000005").await.unwrap();
+        let stats = fake.state().stats();
+        assert_eq!(stats.max_active, 4);
+        assert_eq!(stats.max_active_by_group["u1"], 2);
+        assert_eq!(stats.max_active_by_group["u2"], 1);
+        assert_eq!(stats.max_active_by_tenant["t1"], 3);
+        assert_eq!(stats.max_active_by_tenant["t2"], 1);
     }
 }
