@@ -39,6 +39,8 @@ use sqlx::{Connection as _, Executor as _, PgConnection, PgPool};
 use tokio::sync::oneshot;
 
 const SECRET: &str = "bench-calls-webhook-secret";
+/// The slot reuse p99 the design asks for (DESIGN.md, "Targets").
+const TARGET_P99_MS: f64 = 100.0;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -133,8 +135,16 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("calls: dropping {database}: {e}");
     }
     let figures = result?;
-    println!("bench: call_slot_reuse_p50 {:.1} ms", figures.reuse_p50_ms);
-    println!("bench: call_slot_reuse_p99 {:.1} ms", figures.reuse_p99_ms);
+    // The figure: a released slot is reused in under 100 ms at the 99th percentile.
+    out(
+        "slot_reuse_p99_vs_target",
+        format!(
+            "{:.2} x (target {TARGET_P99_MS} ms)",
+            figures.reuse_p99_ms / TARGET_P99_MS
+        ),
+    );
+    println!("bench: slot_reuse_p50 {:.1} ms", figures.reuse_p50_ms);
+    println!("bench: slot_reuse_p99 {:.1} ms", figures.reuse_p99_ms);
     println!("bench: call_limit_violations {} count", figures.violations);
     Ok(())
 }
