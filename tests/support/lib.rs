@@ -272,15 +272,15 @@ impl Drop for TestDb {
 // ---------------------------------------------------------------------------------------------
 // herald-worker processes
 
-/// The `herald-worker` binary next to the test executable (`target/<profile>/herald-worker`).
-pub fn worker_binary() -> PathBuf {
+/// The binary `name` built next to the test executable (`target/<profile>/<name>`).
+fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test>-<hash> → target/<profile>/herald-worker
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("test executable lives in target/<profile>/deps");
-    let bin = dir.join(format!("herald-worker{}", std::env::consts::EXE_SUFFIX));
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.exists(),
         "{} is missing: build the binaries first (`cargo build --workspace --bins`, which `make test` does)",
@@ -289,21 +289,19 @@ pub fn worker_binary() -> PathBuf {
     bin
 }
 
-/// The `herald-api` binary next to the test executable, found as [`worker_binary`] finds
-/// `herald-worker`.
+/// The `herald-worker` binary next to the test executable (`target/<profile>/herald-worker`).
+pub fn worker_binary() -> PathBuf {
+    binary("herald-worker")
+}
+
+/// The `herald-api` binary next to the test executable.
 pub fn api_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
-    let bin = dir.join(format!("herald-api{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which `make test` does)",
-        bin.display()
-    );
-    bin
+    binary("herald-api")
+}
+
+/// The `herald` operator tool next to the test executable.
+pub fn cli_binary() -> PathBuf {
+    binary("herald")
 }
 
 /// How to start a worker process.
@@ -538,6 +536,23 @@ impl HttpReply {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
     }
+}
+
+/// herald-api's router served by this test process on a free loopback port, over `pool` and the
+/// queues under `namespace` on `redis_url`. Returns its address.
+pub async fn serve_api(pool: &sqlx::PgPool, redis_url: &str, namespace: &str) -> SocketAddr {
+    let queues = queue_client(redis_url, namespace).await;
+    let router = herald_api::router(herald_api::AppState::new(
+        pool.clone(),
+        queues,
+        herald_api::ApiConfig::default(),
+    ));
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("a loopback port for the API");
+    let addr = listener.local_addr().expect("the API's address");
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
 }
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`), enough to drive herald-api

@@ -290,7 +290,7 @@ pub async fn import_contacts(
 }
 
 /// `DELETE /v1/contacts/{id}`: the contact is deleted and its queued calls, in every campaign,
-/// are cancelled (calls in progress finish).
+/// are cancelled (calls in progress finish); a sequence lead waiting on such a call moves on.
 pub async fn delete_contact(
     State(state): State<AppState>,
     caller: Caller,
@@ -298,7 +298,7 @@ pub async fn delete_contact(
 ) -> Result<Json<Value>, ApiError> {
     let tenant = caller.tenant()?;
     let id = path_id("contact", &id)?;
-    let cancelled = calls::delete_contact(state.pool(), tenant, id).await?;
+    let cancelled = herald_jobs::calls::delete_contact(state.pool(), tenant, id).await?;
     Ok(Json(
         json!({"id": id, "deleted": true, "cancelled_calls": cancelled}),
     ))

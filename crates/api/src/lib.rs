@@ -295,6 +295,8 @@ fn method_router(op: Op, method: MethodFilter) -> MethodRouter<AppState> {
         Op::StopSequence => on(method, sequences::stop),
         Op::SequenceLead => on(method, sequences::lead_timeline),
         Op::SequenceWebhook => on(method, sequences::inbound_webhook),
+        Op::LoadLeadPool => on(method, sequences::load_pool),
+        Op::GetLeadPool => on(method, sequences::get_pool),
         Op::PutEmailProvider => on(method, sequences::put_email_provider),
         Op::PutLinkedinProvider => on(method, sequences::put_linkedin_provider),
         Op::PutInstagramProvider => on(method, sequences::put_instagram_provider),

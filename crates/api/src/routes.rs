@@ -79,6 +79,8 @@ pub enum Op {
     StopSequence,
     SequenceLead,
     SequenceWebhook,
+    LoadLeadPool,
+    GetLeadPool,
     PutEmailProvider,
     PutLinkedinProvider,
     PutInstagramProvider,
@@ -347,6 +349,13 @@ pub static ROUTES: &[Route] = &[
         Op::SequenceWebhook,
         Public,
     ),
+    route(
+        "POST",
+        "/v1/lead-pools/{name}/people",
+        Op::LoadLeadPool,
+        Token,
+    ),
+    route("GET", "/v1/lead-pools/{name}", Op::GetLeadPool, Token),
     route("PUT", "/v1/providers/email", Op::PutEmailProvider, Token),
     route(
         "PUT",

@@ -1,7 +1,9 @@
 //! Multichannel sequences over HTTP: create (steps and sending rules validated: a 422 names the
 //! step and the field), list, get, add leads, start, pause, stop, stats, a lead's timeline, the
 //! tenant's email, LinkedIn and Instagram provider accounts, and the signed inbound webhook that
-//! records replies, opens, clicks, connections and send statuses.
+//! records replies, opens, clicks, connections and send statuses; and the tenant's lead pools
+//! (`POST /v1/lead-pools/{name}/people`, `GET /v1/lead-pools/{name}`) that `lead_generation`
+//! steps draw from.
 //!
 //! Tenant routes act on the tenant's own sequences (an ops token is 403, another tenant's 404).
 //! The webhook is public but must carry `X-Herald-Signature: sha256=<hex>`, the HMAC-SHA256 of
@@ -18,6 +20,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use herald_core::TenantId;
 use herald_jobs::sequence_events::{self, WebhookError};
+use herald_store::sequences::pools::{self, PoolPerson};
 use herald_store::sequences::providers::{self, ChannelProvider};
 use herald_store::sequences::steps::{self, Channel};
 use herald_store::sequences::{self, NewLead, NewSequence, Sequence};
@@ -63,6 +66,17 @@ pub async fn create(
         .ok_or_else(|| ApiError::invalid("name", "is required (a string)"))?;
     let steps = steps::parse_steps(map.get("steps").unwrap_or(&Value::Null))
         .map_err(|e| ApiError::invalid(e.path(), e.to_string()))?;
+    // Calls name the tenant's user and agent: they must exist now (and still when the step
+    // runs).
+    let mut conn = state
+        .pool()
+        .acquire()
+        .await
+        .map_err(herald_store::Error::from)?;
+    sequences::check_step_references(&mut conn, tenant, &steps)
+        .await?
+        .map_err(|e| ApiError::invalid(e.path(), e.to_string()))?;
+    drop(conn);
     let rules = steps::parse_rules(map.get("rules"))
         .map_err(|e| ApiError::invalid(e.field.clone(), e.to_string()))?;
     let mut senders = BTreeMap::new();
@@ -149,12 +163,7 @@ pub async fn add_leads(
     let sequence = sequences::get(state.pool(), tenant, id).await?;
     let needed: Vec<&str> = sequence
         .parsed_steps()
-        .map(|s| {
-            steps::channels(&s)
-                .into_iter()
-                .map(Channel::address_variable)
-                .collect()
-        })
+        .map(|s| steps::needed_variables(&s))
         .unwrap_or_default();
     let map = object(&body, &["leads"])?;
     let items = map
@@ -163,47 +172,154 @@ pub async fn add_leads(
         .ok_or_else(|| ApiError::invalid("leads", "must be a list of objects"))?;
     let mut leads = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let fields = item
-            .as_object()
-            .ok_or_else(|| ApiError::invalid(format!("leads[{i}]"), "must be an object"))?;
-        let mut lead = NewLead {
-            external_id: None,
-            variables: BTreeMap::new(),
-        };
-        for (key, value) in fields {
-            let field = format!("leads[{i}].{key}");
-            let text = value
-                .as_str()
-                .ok_or_else(|| ApiError::invalid(field.clone(), "must be a string"))?
-                .trim()
-                .to_owned();
-            if key == "external_id" {
-                lead.external_id = Some(text);
-            } else if steps::VARIABLES.contains(&key.as_str()) {
-                lead.variables.insert(key.clone(), text);
-            } else {
-                return Err(ApiError::invalid(
-                    field,
-                    format!(
-                        "unknown field; expected external_id, {}",
-                        steps::VARIABLES.join(", ")
-                    ),
-                ));
-            }
-        }
-        if let Some(missing) = needed
-            .iter()
-            .find(|v| lead.variables.get(**v).is_none_or(|s| s.is_empty()))
-        {
-            return Err(ApiError::invalid(
-                format!("leads[{i}].{missing}"),
-                "is required by this sequence's steps",
-            ));
-        }
+        let lead = parse_lead(item, &needed).map_err(|(field, reason)| {
+            ApiError::invalid(
+                if field.is_empty() {
+                    format!("leads[{i}]")
+                } else {
+                    format!("leads[{i}].{field}")
+                },
+                reason,
+            )
+        })?;
         leads.push(lead);
     }
     let added = herald_jobs::sequences::add_leads(state.pool(), tenant, id, &leads).await?;
     Ok((StatusCode::CREATED, Json(json!(added))).into_response())
+}
+
+/// One lead object (`{"external_id"?, "first_name", …}`): each field a string, one of
+/// `external_id` and [`steps::VARIABLES`]; `needed` variables must be present and not empty. The
+/// error is `(field, reason)`, the field empty for the object itself.
+fn parse_lead(item: &Value, needed: &[&str]) -> Result<NewLead, (String, String)> {
+    let fields = item
+        .as_object()
+        .ok_or_else(|| (String::new(), "must be an object".to_owned()))?;
+    let mut lead = NewLead {
+        external_id: None,
+        variables: BTreeMap::new(),
+    };
+    for (key, value) in fields {
+        let text = value
+            .as_str()
+            .ok_or_else(|| (key.clone(), "must be a string".to_owned()))?
+            .trim()
+            .to_owned();
+        if key == "external_id" {
+            lead.external_id = Some(text);
+        } else if steps::VARIABLES.contains(&key.as_str()) {
+            lead.variables.insert(key.clone(), text);
+        } else {
+            return Err((
+                key.clone(),
+                format!(
+                    "unknown field; expected external_id, {}",
+                    steps::VARIABLES.join(", ")
+                ),
+            ));
+        }
+    }
+    if let Some(missing) = needed
+        .iter()
+        .find(|v| lead.variables.get(**v).is_none_or(|s| s.is_empty()))
+    {
+        return Err((
+            (*missing).to_owned(),
+            "is required by this sequence's steps".to_owned(),
+        ));
+    }
+    Ok(lead)
+}
+
+fn pool_name(name: &str) -> Result<&str, ApiError> {
+    steps::check_pool_name(name).map_err(|reason| ApiError::BadRequest {
+        field: "name".into(),
+        message: format!("lead pool name {reason}"),
+    })?;
+    Ok(name)
+}
+
+/// `POST /v1/lead-pools/{name}/people` `{"people": [{"external_id", "first_name", …}]}` (the
+/// lead shape of `POST /v1/sequences/{id}/leads`, `external_id` required): loads people into the
+/// pool, row by row. Returns 200 with `{accepted, added, updated, rejected: [{index, field,
+/// reason}]}`; a rejected row is skipped, the others are stored. A person already in the pool
+/// gets the new variables and keeps their place in the draw order.
+pub async fn load_pool(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(name): Params<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let name = pool_name(&name)?;
+    let map = object(&body, &["people"])?;
+    let items = map
+        .get("people")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::invalid("people", "must be a list of objects"))?;
+    if items.len() > pools::MAX_PEOPLE_PER_REQUEST {
+        return Err(ApiError::invalid(
+            "people",
+            format!(
+                "at most {} people per request",
+                pools::MAX_PEOPLE_PER_REQUEST
+            ),
+        ));
+    }
+    let mut people = Vec::with_capacity(items.len());
+    let mut rejected = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let person = parse_lead(item, &[]).and_then(|lead| {
+            let id = lead.external_id.unwrap_or_default();
+            if id.is_empty() {
+                return Err(("external_id".to_owned(), "is required".to_owned()));
+            }
+            if id.chars().count() > pools::MAX_EXTERNAL_ID_LEN {
+                return Err((
+                    "external_id".to_owned(),
+                    format!("must be at most {} characters", pools::MAX_EXTERNAL_ID_LEN),
+                ));
+            }
+            if let Some(phone) = lead.variables.get("phone").filter(|p| !p.is_empty()) {
+                herald_store::calls::normalize_phone(phone)
+                    .map_err(|reason| ("phone".to_owned(), reason))?;
+            }
+            let mut variables = lead.variables;
+            variables.retain(|_, v| !v.is_empty());
+            Ok(PoolPerson {
+                external_person_id: id,
+                variables,
+            })
+        });
+        match person {
+            Ok(person) => people.push(person),
+            Err((field, reason)) => rejected.push(json!({
+                "index": i,
+                "field": if field.is_empty() { format!("people[{i}]") } else { format!("people[{i}].{field}") },
+                "reason": reason,
+            })),
+        }
+    }
+    let loaded = pools::load(state.pool(), tenant, name, &people).await?;
+    Ok(Json(json!({
+        "pool": name,
+        "accepted": people.len(),
+        "added": loaded.added,
+        "updated": loaded.updated,
+        "rejected": rejected,
+    })))
+}
+
+/// `GET /v1/lead-pools/{name}`: how many people the pool holds, how many are leads of a
+/// sequence, and how many each sequence drew; 404 for a pool with nobody in it.
+pub async fn get_pool(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(name): Params<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let name = pool_name(&name)?;
+    Ok(Json(json!(pools::view(state.pool(), tenant, name).await?)))
 }
 
 async fn action(

@@ -272,3 +272,225 @@ async fn provider_accounts_sign_events_about_their_own_sends(pool: herald_store:
     assert_eq!(single.body["send_id"], send.to_string());
     assert_eq!(single.body["new"], true);
 }
+
+#[sqlx::test(migrator = "herald_store::MIGRATOR")]
+async fn call_steps_and_lead_pools_are_validated_and_counted(pool: herald_store::PgPool) {
+    let app = app(pool.clone()).await;
+    let (_, other) = tenant(&pool, "globex").await;
+    let (tenant, token) = tenant(&pool, "acme").await;
+    let user = req(Method::POST, "/v1/users")
+        .token(&token)
+        .json(&json!({"name": "Uma"}))
+        .send(&app.router)
+        .await;
+    assert_eq!(user.status, StatusCode::CREATED, "{}", user.text);
+    let user = user.body["id"].as_str().unwrap().to_owned();
+    let agent = req(Method::POST, "/v1/agents")
+        .token(&token)
+        .json(&json!({"name": "Ava", "assistant_id": "asst_1", "phone_number_id": "pn_1"}))
+        .send(&app.router)
+        .await;
+    assert_eq!(agent.status, StatusCode::CREATED, "{}", agent.text);
+    let agent = agent.body["id"].as_str().unwrap().to_owned();
+    let sequences_saved = || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from sequences where tenant_id = $1")
+            .bind(tenant.0)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let create = |steps: serde_json::Value| {
+        req(Method::POST, "/v1/sequences")
+            .token(&token)
+            .json(&json!({"name": "calls", "steps": steps}))
+    };
+
+    // A missing field, an id of nobody, another tenant's user: 422 naming the step and field.
+    let missing = create(json!([
+        {"type": "delay", "hours": 1},
+        {"type": "voice_agent_call", "user_id": user}
+    ]))
+    .send(&app.router)
+    .await;
+    assert_eq!(
+        missing.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        missing.text
+    );
+    assert_eq!(missing.field(), "steps[1].agent_id", "{}", missing.text);
+    assert!(
+        missing.text.contains("step 1 (voice_agent_call)"),
+        "{}",
+        missing.text
+    );
+    let nobody = create(json!([{"type": "voice_agent_call", "user_id": user,
+        "agent_id": "0190a5b0-0000-7000-8000-0000000000aa"}]))
+    .send(&app.router)
+    .await;
+    assert_eq!(
+        nobody.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        nobody.text
+    );
+    assert_eq!(nobody.field(), "steps[0].agent_id");
+    let foreign_user = req(Method::POST, "/v1/users")
+        .token(&other)
+        .json(&json!({"name": "Gus"}))
+        .send(&app.router)
+        .await;
+    let foreign_user = foreign_user.body["id"].as_str().unwrap().to_owned();
+    let foreign = create(json!([
+        {"type": "voice_agent_call", "user_id": foreign_user, "agent_id": agent}
+    ]))
+    .send(&app.router)
+    .await;
+    assert_eq!(
+        foreign.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        foreign.text
+    );
+    assert_eq!(foreign.field(), "steps[0].user_id");
+    // lead_generation anywhere but first, or with a limit out of range.
+    let second = create(json!([
+        {"type": "delay", "hours": 1},
+        {"type": "lead_generation", "daily_limit": 5, "pool": "p"}
+    ]))
+    .send(&app.router)
+    .await;
+    assert_eq!(
+        second.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        second.text
+    );
+    assert_eq!(second.field(), "steps[1].type");
+    assert!(
+        second.text.contains("step 1 (lead_generation)"),
+        "{}",
+        second.text
+    );
+    let too_many = create(json!([
+        {"type": "lead_generation", "daily_limit": 10_001, "pool": "p"},
+        {"type": "delay", "hours": 1}
+    ]))
+    .send(&app.router)
+    .await;
+    assert_eq!(too_many.field(), "steps[0].daily_limit");
+    assert_eq!(sequences_saved().await, 0, "nothing half-written");
+
+    let created = create(json!([
+        {"type": "lead_generation", "daily_limit": 2, "pool": "q4"},
+        {"type": "voice_agent_call", "user_id": user, "agent_id": agent},
+        {"type": "condition", "if": "connected", "yes": 3, "no": 3}
+    ]))
+    .send(&app.router)
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    assert_eq!(created.body["steps"][1]["type"], "voice_agent_call");
+    assert_eq!(created.body["steps"][1]["agent_id"], agent.as_str());
+    assert_eq!(created.body["steps"][0]["daily_limit"], 2);
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    // A lead added by hand needs the phone the call step dials.
+    let no_phone = req(Method::POST, &format!("/v1/sequences/{id}/leads"))
+        .token(&token)
+        .json(&json!({"leads": [{"external_id": "x", "first_name": "Ann"}]}))
+        .send(&app.router)
+        .await;
+    assert_eq!(no_phone.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(no_phone.field(), "leads[0].phone");
+
+    // The pool: row by row, a rejected row named and skipped, a repeat updates.
+    let loaded = req(Method::POST, "/v1/lead-pools/q4/people")
+        .token(&token)
+        .json(&json!({"people": [
+            {"external_id": "p1", "first_name": "Ann", "phone": "+15550000001"},
+            {"first_name": "NoId", "phone": "+15550000002"},
+            {"external_id": "p2", "first_name": "Bob", "phone": "+15550000003", "shoe_size": "44"},
+            {"external_id": "p3", "first_name": "Cy", "phone": "555"},
+            {"external_id": "p4", "first_name": "Di", "phone": "+15550000004"},
+            "not an object"
+        ]}))
+        .send(&app.router)
+        .await;
+    assert_eq!(loaded.status, StatusCode::OK, "{}", loaded.text);
+    assert_eq!(loaded.body["accepted"], 2);
+    assert_eq!(loaded.body["added"], 2);
+    let rejected: Vec<&str> = loaded.body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![
+            "people[1].external_id",
+            "people[2].shoe_size",
+            "people[3].phone",
+            "people[5]"
+        ]
+    );
+    let again = req(Method::POST, "/v1/lead-pools/q4/people")
+        .token(&token)
+        .json(&json!({"people": [{"external_id": "p1", "first_name": "Anna", "phone": "+15550000001"}]}))
+        .send(&app.router)
+        .await;
+    assert_eq!(
+        (again.body["added"].as_u64(), again.body["updated"].as_u64()),
+        (Some(0), Some(1))
+    );
+    let people: i64 = sqlx::query_scalar(
+        "select count(*) from lead_pool_people where tenant_id = $1 and pool = 'q4'",
+    )
+    .bind(tenant.0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(people, 2);
+    let view = req(Method::GET, "/v1/lead-pools/q4")
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(view.status, StatusCode::OK, "{}", view.text);
+    assert_eq!(
+        (
+            view.body["people"].as_u64(),
+            view.body["in_sequences"].as_u64()
+        ),
+        (Some(2), Some(0))
+    );
+    let bad_name = req(Method::GET, "/v1/lead-pools/a%20b")
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(
+        bad_name.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        bad_name.text
+    );
+    // Another tenant's pool of the same name is empty to it.
+    let hidden = req(Method::GET, "/v1/lead-pools/q4")
+        .token(&other)
+        .send(&app.router)
+        .await;
+    assert_eq!(hidden.status, StatusCode::NOT_FOUND);
+
+    // Starting writes the day's generation job.
+    let started = req(Method::POST, &format!("/v1/sequences/{id}/start"))
+        .token(&token)
+        .send(&app.router)
+        .await;
+    assert_eq!(started.status, StatusCode::OK, "{}", started.text);
+    let generation: i64 = sqlx::query_scalar(
+        "select count(*) from outbox where tenant_id = $1 and queue = 'lead_generation'",
+    )
+    .bind(tenant.0)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(generation, 1);
+}

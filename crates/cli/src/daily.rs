@@ -76,7 +76,7 @@ pub struct AssignArgs {
     wait: bool,
 }
 
-fn tenant_error(e: herald_store::Error) -> anyhow::Error {
+pub(crate) fn tenant_error(e: herald_store::Error) -> anyhow::Error {
     match e {
         herald_store::Error::NotFound { what } => anyhow!("{what} not found"),
         herald_store::Error::Invalid { field, reason } => anyhow!("{field}: {reason}"),

@@ -4,6 +4,7 @@
 //! non-zero exit code.
 
 mod daily;
+mod outreach;
 
 use std::process::ExitCode;
 
@@ -18,7 +19,7 @@ use herald_store::PgPool;
 #[command(
     name = "herald",
     version,
-    about = "herald's operator tool: migrations, tenants, tokens, enqueueing, queues and dead jobs, profiles and the daily VA assignment."
+    about = "herald's operator tool: migrations, tenants, tokens, enqueueing, queues and dead jobs, profiles and the daily VA assignment, WhatsApp templates and message campaigns, sequences, call campaigns."
 )]
 struct Cli {
     #[command(flatten)]
@@ -102,6 +103,22 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// WhatsApp templates: list them, print one's sample CSV.
+    #[command(subcommand)]
+    Templates(outreach::TemplatesCommand),
+    /// WhatsApp message campaigns: list, show (counts by status), pause, resume, stop, and the
+    /// failed recipients as CSV.
+    #[command(subcommand, name = "message-campaigns")]
+    MessageCampaigns(outreach::MessageCampaignsCommand),
+    /// Sequences: list, show (per-step counts), and one lead's state and history.
+    #[command(subcommand)]
+    Sequences(outreach::SequencesCommand),
+    /// Call campaigns: list, show (calls by state).
+    #[command(subcommand, name = "call-campaigns")]
+    CallCampaigns(outreach::CallCampaignsCommand),
+    /// A call campaign's calls.
+    #[command(subcommand)]
+    Calls(outreach::CallsCommand),
     /// Run the rolling 7-day cleanup for a tenant now (7-day-old assignments are marked
     /// unfollow, older ones deleted, in Postgres and Airtable); the workers carry it out.
     Cleanup {
@@ -307,6 +324,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tenant,
             wait,
         } => daily::resume(&postgres(conn).await?, tenant, campaign, wait).await?,
+        Command::Templates(command) => outreach::templates(&postgres(conn).await?, command).await?,
+        Command::MessageCampaigns(command) => {
+            outreach::message_campaigns(&postgres(conn).await?, command).await?
+        }
+        Command::Sequences(command) => {
+            outreach::sequences_command(&postgres(conn).await?, command).await?
+        }
+        Command::CallCampaigns(command) => {
+            outreach::call_campaigns(&postgres(conn).await?, command).await?
+        }
+        Command::Calls(command) => outreach::calls_command(&postgres(conn).await?, command).await?,
         Command::Cleanup { tenant, date } => {
             daily::cleanup(&postgres(conn).await?, tenant, date).await?
         }

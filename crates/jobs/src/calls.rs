@@ -268,6 +268,24 @@ pub async fn resume_campaign(
     Ok(campaign)
 }
 
+/// Deletes the tenant's contact and cancels its queued calls; a cancelled call that was a
+/// sequence's call step settles it (`cancelled`) and moves its lead on, in the same transaction.
+/// Returns how many calls were cancelled.
+pub async fn delete_contact(
+    pool: &PgPool,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<u64, herald_store::Error> {
+    let mut tx = pool.begin().await?;
+    let cancelled = calls::delete_contact(&mut tx, tenant, id).await?;
+    for call in &cancelled {
+        crate::sequences::on_call_ended(&mut tx, tenant, *call, Outcome::Cancelled, Utc::now())
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(cancelled.len() as u64)
+}
+
 /// What a provider's server message led to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MessageEffect {
@@ -378,10 +396,18 @@ pub async fn run_dispatch(
     // Whether this run freed a slot (a lease that ran out, a call not placed): under a fleet
     // cap another tenant may be owed it.
     let mut freed_any = false;
-    for ended in calls::expire_live_calls(pool, tenant, now - lease_chrono)
+    // Ending a call and moving on the sequence lead it was for (if any) commit together.
+    let mut tx = pool.begin().await.map_err(|e| store_error(e.into()))?;
+    let expired = calls::expire_live_calls(&mut tx, tenant, now - lease_chrono)
         .await
-        .map_err(store_error)?
-    {
+        .map_err(store_error)?;
+    for ended in &expired {
+        crate::sequences::on_call_ended(&mut tx, tenant, ended.id, Outcome::Failed, now)
+            .await
+            .map_err(store_error)?;
+    }
+    tx.commit().await.map_err(|e| store_error(e.into()))?;
+    for ended in expired {
         tracing::warn!(%tenant, call = %ended.id, "call lease expired without a call-ended signal");
         freed_any = true;
         retire(voice, &tenant_name, ended.user_id, ended.id).await?;
@@ -747,9 +773,22 @@ async fn place(
         Err(e) => {
             // Refused for good, or no answer (it may have been placed): never dialled twice.
             tracing::warn!(%tenant, call = %call.id, error = %e, "call failed");
-            calls::fail_dialing(pool, tenant, call.id, &e.to_string())
+            let mut tx = pool.begin().await.map_err(|e| store_error(e.into()))?;
+            if calls::fail_dialing(&mut tx, tenant, call.id, &e.to_string())
+                .await
+                .map_err(store_error)?
+            {
+                crate::sequences::on_call_ended(
+                    &mut tx,
+                    tenant,
+                    call.id,
+                    Outcome::Failed,
+                    Utc::now(),
+                )
                 .await
                 .map_err(store_error)?;
+            }
+            tx.commit().await.map_err(|e| store_error(e.into()))?;
             Ok(Placed::Failed)
         }
     }
@@ -788,8 +827,8 @@ fn outcome_of(reason: Option<&str>) -> Outcome {
 }
 
 /// Ends the call the provider knows by `job.provider_call_id` (at most once: only a call still
-/// dialing or in a call changes), records its outcome and duration, frees its slot and writes a
-/// dispatch job in the same transaction, so the next call is admitted at once. A call not
+/// dialing or in a call changes), records its outcome and duration, moves on the sequence lead
+/// the call was for (if any), frees its slot and writes a dispatch job in the same transaction, so the next call is admitted at once. A call not
 /// recorded yet (the signal overtook the dispatcher's write of the provider's id) is retried
 /// shortly; on the last attempt the job ends without effect.
 pub async fn run_release_slot(
@@ -803,6 +842,7 @@ pub async fn run_release_slot(
     let tenant_name = tenant.0.simple().to_string();
     // Twice at most: the dispatcher may record the provider's id between this job's update
     // (which then finds no call) and its look-up (which finds the call still in progress).
+    let outcome = outcome_of(job.ended_reason.as_deref());
     for round in 0..2 {
         let mut tx = pool
             .begin()
@@ -812,13 +852,17 @@ pub async fn run_release_slot(
             &mut tx,
             tenant,
             &job.provider_call_id,
-            outcome_of(job.ended_reason.as_deref()),
+            outcome,
             job.ended_reason.as_deref(),
             job.duration_ms,
         )
         .await
         .map_err(store_error)?;
         if let Some(ended) = ended {
+            // A sequence's call: its lead moves on in the same transaction as the call's end.
+            crate::sequences::on_call_ended(&mut tx, tenant, ended.id, outcome, Utc::now())
+                .await
+                .map_err(store_error)?;
             // The provider has ended the call, so its slot is free now: free it before the
             // commit makes the next dispatch visible, or that dispatch could find the tenant
             // still full. A failed commit re-runs the job; freeing again is a no-op.

@@ -10,7 +10,7 @@ use crate::builtin::{Noop, Probe};
 use crate::calls::{CallDispatch, ReleaseSlot};
 use crate::daily::{AirtableCleanup, DailyCleanup, DailyDistribute, DailySelect, DailySync};
 use crate::http::HttpJob;
-use crate::sequences::SequenceStep;
+use crate::sequences::{LeadGeneration, SequenceStep};
 use crate::whatsapp::WhatsAppSend;
 
 /// One job type: its queue, payload version, default attempt budget and timeout.
@@ -99,6 +99,11 @@ static TYPES: &[JobType] = &[
         "Diagnostic: records an effect row in Postgres (counting runs), optionally sleeping first.",
         true,
         validate_as::<Probe>,
+    ),
+    describe::<LeadGeneration>(
+        "Multichannel sequences: draw the day's leads of a sequence from its lead pool (up to the daily limit, nobody twice), at most once per local day; writes itself for the next local midnight.",
+        false,
+        validate_as::<LeadGeneration>,
     ),
     describe::<SequenceStep>(
         "Multichannel sequences: run one step of one lead (action, delay or condition), recorded once per lead and step; actions obey the sequence's window and caps.",

@@ -20,25 +20,42 @@
 //! connector, or one not ready for the tenant (no provider account), retries with a reason
 //! before anything is recorded. Provider events about a send (delivered, opened, connected,
 //! replied…) come back through [`crate::sequence_events`].
+//!
+//! A `voice_agent_call` step goes through the call-campaign machinery ([`crate::calls`]): the
+//! step's own call campaign (created on first use, with the sequence's window and time zone),
+//! the lead as a contact, one queued call, and a dispatch. The slots per user, per tenant and
+//! fleet-wide, the calling window and the release all apply as to any call. The step's activity
+//! stays `calling` until the call ends; the call's end ([`on_call_ended`]) records its outcome,
+//! records the `connected` signal for a completed call, and moves the lead on, in the
+//! transaction that ends the call.
+//!
+//! A `lead_generation` first step is the `lead_generation` job ([`LeadGeneration`]): once per
+//! local day while the sequence is active it draws up to its daily limit of people from the
+//! sequence's lead pool who are not yet its leads, starts them at step 1 and writes itself for
+//! the next local midnight. The day's draw is a row inserted in the transaction that adds the
+//! leads, so a day is drawn at most once however often the job runs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use apalis_core::task::data::Data;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveTime, Utc};
 use futures::future::BoxFuture;
 use herald_admission::Window;
 use herald_connectors::whatsapp::{self as meta, TemplateMessage};
 use herald_core::{JobError, JobPayload, TenantId};
 use herald_queue::JobMeta;
+use herald_store::calls::{self as call_store, CampaignStatus, NewCampaign, NewContact};
 use herald_store::outbox::{self, NewOutboxJob};
 use herald_store::sends::{self, SendStatus, StatusChange};
+use herald_store::sequences::pools::{self, Draw};
 use herald_store::sequences::steps::{self, Action, Channel, Rules, Signal, Step};
 use herald_store::sequences::{self, LeadState, NewActivity, NewLead, Outcome, Sequence, Status};
 use herald_store::{PgPool, messages};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::Deps;
@@ -56,6 +73,21 @@ impl JobPayload for SequenceStep {
     const QUEUE: &'static str = "sequence_step";
     const MAX_ATTEMPTS: u32 = 8;
     const TIMEOUT: Duration = Duration::from_secs(60);
+}
+
+/// Draw the day's leads of a sequence whose first step is `lead_generation` (the tenant is the
+/// job's). Written when the sequence starts or resumes and, by each run, for the next local
+/// midnight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeadGeneration {
+    pub sequence_id: Uuid,
+}
+
+impl JobPayload for LeadGeneration {
+    const QUEUE: &'static str = "lead_generation";
+    const MAX_ATTEMPTS: u32 = 8;
+    const TIMEOUT: Duration = Duration::from_secs(120);
 }
 
 /// One action for a channel connector: who it goes to and what it says.
@@ -270,6 +302,19 @@ pub async fn run_step(
         )
         .await;
     };
+    if let Step::VoiceAgentCall {
+        user_id, agent_id, ..
+    } = &current
+    {
+        let call = CallStep {
+            user: *user_id,
+            agent: *agent_id,
+        };
+        return run_call_step(
+            deps, tenant, job_id, job, &sequence, &lead, call, &steps, &rules, now,
+        )
+        .await;
+    }
     if let Some((send_id, status, send_job)) =
         sequences::activity_send(pool, tenant, job.lead_id, job.step)
             .await
@@ -304,10 +349,27 @@ pub async fn run_step(
         outcome: Outcome::Executed,
         sender_account: None,
         send_id: None,
+        call_id: None,
         job_id,
         at: now,
     };
     match &current {
+        Step::LeadGeneration { .. } | Step::VoiceAgentCall { .. } => {
+            // A lead added by hand to a sequence that generates its leads passes the generation
+            // step (generated leads start after it). Calls were handled above.
+            let mut tx = pool.begin().await.map_err(|e| store_error(e.into()))?;
+            record_and_advance(
+                &mut tx,
+                tenant,
+                job,
+                &base,
+                Some((job.step + 1, now, &steps, &rules)),
+            )
+            .await
+            .map_err(store_error)?;
+            tx.commit().await.map_err(|e| store_error(e.into()))?;
+            Ok(())
+        }
         Step::Delay { days, hours, .. } => {
             let wait = chrono::Duration::hours(
                 i64::try_from(days * 24 + hours).unwrap_or(i64::MAX / 4_000_000),
@@ -745,6 +807,20 @@ pub async fn start(
     )
     .await?;
     schedule_active(&mut tx, tenant, &sequence).await?;
+    // The call steps' campaigns go on (the sequence's pause paused them).
+    let (resumed, _) = call_store::follow_sequence(
+        &mut tx,
+        tenant,
+        id,
+        &[CampaignStatus::Paused],
+        CampaignStatus::Active,
+        None,
+    )
+    .await?;
+    if resumed > 0 {
+        crate::calls::enqueue_dispatch(&mut tx, tenant, None).await?;
+    }
+    schedule_generation(&mut tx, tenant, &sequence, Utc::now()).await?;
     tx.commit().await?;
     Ok(sequence)
 }
@@ -759,6 +835,17 @@ pub async fn pause(
     let mut tx = pool.begin().await?;
     let sequence =
         sequences::transition(&mut tx, tenant, id, &[Status::Active], Status::Paused).await?;
+    // Queued calls wait with the sequence; calls in progress finish (and their leads move on,
+    // to a step job that finds the sequence paused).
+    call_store::follow_sequence(
+        &mut tx,
+        tenant,
+        id,
+        &[CampaignStatus::Active],
+        CampaignStatus::Paused,
+        Some("its sequence is paused"),
+    )
+    .await?;
     tx.commit().await?;
     Ok(sequence)
 }
@@ -779,6 +866,26 @@ pub async fn stop(
     )
     .await?;
     sequences::stop_leads(&mut tx, tenant, id).await?;
+    // Queued calls are cancelled (calls in progress finish); their steps record `cancelled`.
+    let (_, cancelled) = call_store::follow_sequence(
+        &mut tx,
+        tenant,
+        id,
+        &[CampaignStatus::Active, CampaignStatus::Paused],
+        CampaignStatus::Cancelled,
+        None,
+    )
+    .await?;
+    for call in cancelled {
+        on_call_ended(
+            &mut tx,
+            tenant,
+            call,
+            call_store::Outcome::Cancelled,
+            Utc::now(),
+        )
+        .await?;
+    }
     tx.commit().await?;
     Ok(sequence)
 }
@@ -840,4 +947,400 @@ pub async fn apply_signal(
     signal: Signal,
 ) -> Result<bool, herald_store::Error> {
     sequences::record_signal(pool, tenant, lead, signal).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// voice_agent_call: one call through the call-campaign slots
+
+/// A call step's configuration.
+#[derive(Debug, Clone, Copy)]
+struct CallStep {
+    user: Uuid,
+    agent: Uuid,
+}
+
+/// Closes at the last instant of the day: a sequence without a sending window may call at any
+/// hour (a call campaign's window cannot be empty, so it ends a microsecond before midnight).
+fn last_instant_of_day() -> NaiveTime {
+    NaiveTime::from_hms_micro_opt(23, 59, 59, 999_999).unwrap_or(NaiveTime::MIN)
+}
+
+/// The call campaign a sequence's call step places its calls through: the sequence's window
+/// and zone, the step's user and agent.
+fn call_campaign(
+    sequence: &Sequence,
+    step: u32,
+    call: CallStep,
+    rules: &Rules,
+    now: DateTime<Utc>,
+) -> NewCampaign {
+    let (first, last) = rules
+        .window
+        .unwrap_or((NaiveTime::MIN, last_instant_of_day()));
+    let short: String = sequence.name.chars().take(150).collect();
+    NewCampaign {
+        name: format!("{short} (sequence step {step})"),
+        user_id: call.user,
+        agent_id: call.agent,
+        next_action: None,
+        first_call_time: first,
+        last_call_time: last,
+        time_zone: rules.time_zone.clone(),
+        // Yesterday: a window crossing midnight has its early hours belong to the day before.
+        start_date: now.with_timezone(&rules.zone()).date_naive() - chrono::Duration::days(1),
+    }
+}
+
+/// The contact a call step calls: the lead's phone and name, and its variables (with the
+/// sequence and lead) as the call's context.
+fn lead_contact(sequence: Uuid, lead: &sequences::Lead, phone: &str) -> Result<NewContact, String> {
+    let mut context = Map::new();
+    for (key, value) in &lead.variables {
+        context.insert(key.clone(), Value::String(value.clone()));
+    }
+    context.insert("sequence_id".into(), Value::String(sequence.to_string()));
+    context.insert("lead_id".into(), Value::String(lead.id.to_string()));
+    let name = [
+        lead.variables.get("first_name"),
+        lead.variables.get("last_name"),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|s| s.trim())
+    .filter(|s| !s.is_empty())
+    .collect::<Vec<_>>()
+    .join(" ");
+    let name: String = name.chars().take(call_store::MAX_TEXT_LEN).collect();
+    NewContact::new(phone, Some(name.as_str()), context)
+}
+
+/// A `voice_agent_call` step:
+/// - already queued: nothing (the call's end moves the lead on); already ended: the lead moves
+///   on (a no-op when the end did it);
+/// - the user or agent is gone, or the lead has no E.164 phone: the lead fails with the reason;
+/// - otherwise, in one transaction: the step's call campaign (created on first use), the lead as
+///   a contact, one queued call, the activity (`calling`, naming the call) and a dispatch job.
+///   The activity is unique per lead and step, so a second run queues nothing.
+#[allow(clippy::too_many_arguments)]
+async fn run_call_step(
+    deps: &Deps,
+    tenant: TenantId,
+    job_id: &str,
+    job: &SequenceStep,
+    sequence: &Sequence,
+    lead: &sequences::Lead,
+    call: CallStep,
+    steps: &[Step],
+    rules: &Rules,
+    now: DateTime<Utc>,
+) -> Result<(), JobError> {
+    let pool = &deps.pool;
+    match sequences::call_activity(pool, tenant, job.lead_id, job.step)
+        .await
+        .map_err(store_error)?
+    {
+        Some((_, outcome)) if outcome == Outcome::Calling.as_str() => return Ok(()),
+        Some(_) => {
+            let mut tx = pool.begin().await.map_err(|e| store_error(e.into()))?;
+            advance(&mut tx, tenant, job, job.step + 1, now, steps, rules)
+                .await
+                .map_err(store_error)?;
+            tx.commit().await.map_err(|e| store_error(e.into()))?;
+            return Ok(());
+        }
+        None => {}
+    }
+    let step = Step::voice_agent_call(call.user, call.agent);
+    let mut conn = pool.acquire().await.map_err(|e| store_error(e.into()))?;
+    let checked = sequences::check_call_step(&mut conn, tenant, job.step as usize, &step)
+        .await
+        .map_err(store_error)?;
+    drop(conn);
+    if let Err(e) = checked {
+        return fail(pool, tenant, job, e.to_string()).await;
+    }
+    let phone = lead.variables.get("phone").map_or("", String::as_str);
+    let contact = match lead_contact(sequence.id, lead, phone) {
+        Ok(contact) => contact,
+        Err(reason) if phone.trim().is_empty() => {
+            let _ = reason;
+            return fail(
+                pool,
+                tenant,
+                job,
+                format!(
+                    "step {} (voice_agent_call): the lead has no phone",
+                    job.step
+                ),
+            )
+            .await;
+        }
+        Err(reason) => {
+            return fail(
+                pool,
+                tenant,
+                job,
+                format!("step {} (voice_agent_call): the lead's {reason}", job.step),
+            )
+            .await;
+        }
+    };
+    if call_store::voice_provider(pool, tenant)
+        .await
+        .map_err(store_error)?
+        .is_none()
+    {
+        return Err(JobError::retry(
+            "voice calls are not configured for this tenant (PUT /v1/providers/voice)",
+        ));
+    }
+    let mut tx = pool.begin().await.map_err(|e| store_error(e.into()))?;
+    let campaign = call_store::sequence_campaign(
+        &mut tx,
+        tenant,
+        sequence.id,
+        job.step,
+        &call_campaign(sequence, job.step, call, rules, now),
+    )
+    .await
+    .map_err(store_error)?;
+    let contact_id = call_store::upsert_contacts(&mut tx, tenant, std::slice::from_ref(&contact))
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| JobError::retry("the lead's contact was not stored"))?;
+    let Some(call_id) = call_store::queue_call(&mut tx, tenant, campaign, contact_id)
+        .await
+        .map_err(store_error)?
+    else {
+        drop(tx);
+        // A run of this step racing this one queued the call first (its activity is there).
+        if sequences::call_activity(pool, tenant, job.lead_id, job.step)
+            .await
+            .map_err(store_error)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        // Another lead of this step has the same phone: the campaign calls a number once.
+        return fail(
+            pool,
+            tenant,
+            job,
+            format!(
+                "step {} (voice_agent_call): another lead of this step already has a call to {}",
+                job.step, contact.phone
+            ),
+        )
+        .await;
+    };
+    let activity = NewActivity {
+        sequence: job.sequence_id,
+        lead: job.lead_id,
+        step: job.step,
+        step_type: "voice_agent_call",
+        channel: None,
+        outcome: Outcome::Calling,
+        sender_account: None,
+        send_id: None,
+        call_id: Some(call_id),
+        job_id,
+        at: now,
+    };
+    if !sequences::record_activity(&mut tx, tenant, &activity)
+        .await
+        .map_err(store_error)?
+    {
+        // Another run of this step queued its call first; this one's call rolls back.
+        return Ok(());
+    }
+    crate::calls::enqueue_dispatch(&mut tx, tenant, None)
+        .await
+        .map_err(store_error)?;
+    tx.commit().await.map_err(|e| store_error(e.into()))?;
+    Ok(())
+}
+
+/// A call ended (released, failed, expired or cancelled), inside the transaction that ended it.
+/// If it was a sequence's call step still `calling`, the step records `outcome`, a completed
+/// call records the lead's `connected` signal (a `condition` on `connected` after the call asks
+/// "did they pick up and talk?"), and the lead moves on to the next step. Returns whether a step
+/// was settled; a second end of the same call settles nothing.
+pub async fn on_call_ended(
+    conn: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    call: Uuid,
+    outcome: call_store::Outcome,
+    now: DateTime<Utc>,
+) -> Result<bool, herald_store::Error> {
+    let Some((sequence_id, lead_id, step)) =
+        sequences::settle_call_activity(conn, tenant, call, outcome.as_str()).await?
+    else {
+        return Ok(false);
+    };
+    if outcome == call_store::Outcome::Completed {
+        sequences::record_signal_in(conn, tenant, lead_id, Signal::Connected).await?;
+    }
+    let sequence = sequences::get_in(conn, tenant, sequence_id).await?;
+    let job = SequenceStep {
+        sequence_id,
+        lead_id,
+        step,
+    };
+    match (sequence.parsed_steps(), sequence.parsed_rules()) {
+        (Ok(steps), Ok(rules)) => {
+            advance(conn, tenant, &job, step + 1, now, &steps, &rules).await?;
+        }
+        (Err(e), _) => sequences::fail_lead_in(conn, tenant, lead_id, &e.to_string()).await?,
+        (_, Err(e)) => {
+            sequences::fail_lead_in(conn, tenant, lead_id, &format!("sending rules: {e}")).await?
+        }
+    }
+    Ok(true)
+}
+
+// ---------------------------------------------------------------------------------------------
+// lead_generation: a daily draw from the sequence's lead pool
+
+/// What one `lead_generation` run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Generation {
+    /// The sequence is not active (paused, stopped, gone) or draws from no pool: nothing, and
+    /// no next run (starting or resuming it writes one).
+    Idle,
+    /// The local day `day` was drawn by this run (`added` leads; fewer than the limit when the
+    /// pool ran short) or had been already (`added` empty, `already_drawn`); the next run is due
+    /// at `next_at`, the next local midnight.
+    Ran {
+        day: chrono::NaiveDate,
+        added: Vec<Uuid>,
+        already_drawn: bool,
+        next_at: DateTime<Utc>,
+    },
+}
+
+pub async fn generate(
+    job: LeadGeneration,
+    meta: JobMeta,
+    deps: Data<Deps>,
+) -> Result<(), JobError> {
+    run_lead_generation(&deps.pool, meta.tenant, &job, Utc::now())
+        .await
+        .map(|_| ())
+}
+
+/// The generation job for the local day of `at` (due then), unless one for that day is still
+/// pending: at most one waiting job per sequence and day.
+async fn write_generation_job(
+    conn: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    sequence: Uuid,
+    day: chrono::NaiveDate,
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(), herald_store::Error> {
+    let mut job = NewOutboxJob::for_payload(&LeadGeneration {
+        sequence_id: sequence,
+    })?;
+    job.run_at = Some(at);
+    job.job_key = Some(format!("lead_generation:{sequence}:{day}"));
+    // Only a pending job holds the key: a day's job that already ran (while the sequence was
+    // paused, say) must not stop a resume from drawing that day.
+    outbox::insert_unless_key_taken(conn, tenant, &job, now).await?;
+    Ok(())
+}
+
+/// On start or resume: the generation job for today (if the sequence generates its leads).
+async fn schedule_generation(
+    conn: &mut sqlx::PgConnection,
+    tenant: TenantId,
+    sequence: &Sequence,
+    now: DateTime<Utc>,
+) -> Result<(), herald_store::Error> {
+    let (Ok(steps), Ok(rules)) = (sequence.parsed_steps(), sequence.parsed_rules()) else {
+        return Ok(());
+    };
+    if steps::lead_generation(&steps).is_none() {
+        return Ok(());
+    }
+    let today = now.with_timezone(&rules.zone()).date_naive();
+    write_generation_job(conn, tenant, sequence.id, today, now, now).await
+}
+
+/// One `lead_generation` run at `now`: the sequence's local day is claimed (a row unique per
+/// sequence and day) and, if this run claimed it, up to the daily limit of pool people who are
+/// not yet leads of the sequence are added at step 1 with their step jobs; then the job for the
+/// next local midnight is written. All in one transaction: a run that fails adds nothing, a
+/// second run for the same day (or one racing it) adds nothing.
+pub async fn run_lead_generation(
+    pool: &PgPool,
+    tenant: TenantId,
+    job: &LeadGeneration,
+    now: DateTime<Utc>,
+) -> Result<Generation, JobError> {
+    let sequence = match sequences::get(pool, tenant, job.sequence_id).await {
+        Ok(sequence) => sequence,
+        Err(herald_store::Error::NotFound { .. }) => return Ok(Generation::Idle),
+        Err(e) => return Err(store_error(e)),
+    };
+    if sequence.status != Status::Active {
+        return Ok(Generation::Idle);
+    }
+    let (steps, rules) = match (sequence.parsed_steps(), sequence.parsed_rules()) {
+        (Ok(steps), Ok(rules)) => (steps, rules),
+        (Err(e), _) => return Err(JobError::permanent(e.to_string())),
+        (_, Err(e)) => return Err(JobError::permanent(format!("sending rules: {e}"))),
+    };
+    let Some((limit, pool_name)) = steps::lead_generation(&steps) else {
+        return Ok(Generation::Idle);
+    };
+    let zone = rules.zone();
+    let day = now.with_timezone(&zone).date_naive();
+    let next_at = steps::cap_periods(zone, now).next_day;
+    let needed = steps::needed_variables(&steps);
+    let mut tx = pool.begin().await.map_err(|e| store_error(e.into()))?;
+    let claimed = pools::claim_day(&mut tx, tenant, sequence.id, day, pool_name)
+        .await
+        .map_err(store_error)?;
+    let added = if claimed {
+        pools::draw(
+            &mut tx,
+            tenant,
+            &Draw {
+                sequence: sequence.id,
+                day,
+                pool: pool_name,
+                limit,
+                needed: &needed,
+                first_step: 1,
+                due: now,
+            },
+        )
+        .await
+        .map_err(store_error)?
+    } else {
+        Vec::new()
+    };
+    let jobs = added
+        .iter()
+        .map(|lead| step_job(sequence.id, *lead, 1, with_jitter(&steps, 1, now, &rules)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(store_error)?;
+    outbox::insert_many(&mut tx, tenant, &jobs)
+        .await
+        .map_err(store_error)?;
+    let next_day = next_at.with_timezone(&zone).date_naive();
+    write_generation_job(&mut tx, tenant, sequence.id, next_day, next_at, now)
+        .await
+        .map_err(store_error)?;
+    tx.commit().await.map_err(|e| store_error(e.into()))?;
+    tracing::info!(%tenant, sequence = %sequence.id, %day, added = added.len(), already_drawn = !claimed,
+        "lead generation ran");
+    Ok(Generation::Ran {
+        day,
+        added,
+        already_drawn: !claimed,
+        next_at,
+    })
 }

@@ -537,6 +537,11 @@ pub struct Campaign {
     pub start_date: NaiveDate,
     pub status: CampaignStatus,
     pub pause_reason: Option<String>,
+    /// The sequence whose `voice_agent_call` step this campaign serves (`None`: made by hand).
+    /// Such a campaign follows its sequence: it cannot be changed by hand.
+    pub sequence_id: Option<Uuid>,
+    /// The index of that step.
+    pub sequence_step: Option<i32>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -554,12 +559,15 @@ struct CampaignRecord {
     start_date: NaiveDate,
     status: String,
     pause_reason: Option<String>,
+    sequence_id: Option<Uuid>,
+    sequence_step: Option<i32>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
 
 const CAMPAIGN_COLUMNS: &str = "id, name, user_id, agent_id, next_action, first_call_time, \
-    last_call_time, time_zone, start_date, status, pause_reason, created_at, updated_at";
+    last_call_time, time_zone, start_date, status, pause_reason, sequence_id, sequence_step, \
+    created_at, updated_at";
 
 impl TryFrom<CampaignRecord> for Campaign {
     type Error = Error;
@@ -576,10 +584,149 @@ impl TryFrom<CampaignRecord> for Campaign {
             time_zone: r.time_zone,
             start_date: r.start_date,
             pause_reason: r.pause_reason,
+            sequence_id: r.sequence_id,
+            sequence_step: r.sequence_step,
             created_at: r.created_at,
             updated_at: r.updated_at,
         })
     }
+}
+
+/// Refuses a change by hand to a campaign that serves a sequence's call step (`Conflict`): it
+/// follows its sequence. A campaign that does not exist passes (the change then finds nothing).
+async fn refuse_sequence_owned<'c, E>(conn: E, tenant: TenantId, id: Uuid) -> Result<(), Error>
+where
+    E: sqlx::PgExecutor<'c>,
+{
+    let owner: Option<(Option<Uuid>, Option<i32>)> = sqlx::query_as(
+        "select sequence_id, sequence_step from call_campaigns where tenant_id = $1 and id = $2",
+    )
+    .bind(tenant.0)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    match owner {
+        Some((Some(sequence), step)) => Err(Error::Conflict {
+            what: format!(
+                "call campaign {id} serves step {} of sequence {sequence}: pause, start or stop \
+                 the sequence instead; it",
+                step.unwrap_or_default()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The call campaign of a sequence's `voice_agent_call` step, created on first use with
+/// `campaign`'s settings (the sequence's window and zone) and no calls. Concurrent callers get
+/// the same campaign. A user or agent that is not the tenant's (or a removed agent) is
+/// `NotFound`.
+pub async fn sequence_campaign(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    sequence: Uuid,
+    step: u32,
+    campaign: &NewCampaign,
+) -> Result<Uuid, Error> {
+    let step = i32::try_from(step).map_err(|_| Error::invalid("step", "out of range"))?;
+    // Serialises the first use, so leads running the step at once share one campaign.
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("sequence-call-campaign:{tenant}:{sequence}:{step}"))
+        .execute(&mut *conn)
+        .await?;
+    let existing: Option<Uuid> = sqlx::query_scalar(
+        "select id from call_campaigns
+         where tenant_id = $1 and sequence_id = $2 and sequence_step = $3",
+    )
+    .bind(tenant.0)
+    .bind(sequence)
+    .bind(step)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(id) = existing {
+        return Ok(id);
+    }
+    let (created, _) = create_campaign(conn, tenant, campaign, &[]).await?;
+    sqlx::query(
+        "update call_campaigns set sequence_id = $3, sequence_step = $4
+         where tenant_id = $1 and id = $2",
+    )
+    .bind(tenant.0)
+    .bind(created.id)
+    .bind(sequence)
+    .bind(step)
+    .execute(&mut *conn)
+    .await?;
+    Ok(created.id)
+}
+
+/// Queues one call to `contact` in `campaign` (FIFO after the calls already queued; a named
+/// contact first, as on create). `None` when the campaign already has a call for that contact.
+pub async fn queue_call(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    campaign: Uuid,
+    contact: Uuid,
+) -> Result<Option<Uuid>, Error> {
+    Ok(sqlx::query_scalar(
+        "insert into calls (tenant_id, id, campaign_id, user_id, contact_id, phone, name, context,
+                            priority)
+         select $1, $4, c.id, c.user_id, k.id, k.phone, k.name, k.context,
+                case when k.name is null then 1 else 0 end
+         from call_campaigns c
+         join contacts k on k.tenant_id = c.tenant_id and k.id = $3
+         where c.tenant_id = $1 and c.id = $2
+         on conflict (tenant_id, campaign_id, contact_id) do nothing
+         returning id",
+    )
+    .bind(tenant.0)
+    .bind(campaign)
+    .bind(contact)
+    .bind(Uuid::now_v7())
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Moves every campaign serving a step of `sequence` that is in `from` to `to` (its sequence
+/// was paused, started or stopped); stopping also cancels their queued calls. Returns how many
+/// campaigns changed and the calls cancelled.
+pub async fn follow_sequence(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    sequence: Uuid,
+    from: &[CampaignStatus],
+    to: CampaignStatus,
+    reason: Option<&str>,
+) -> Result<(u64, Vec<Uuid>), Error> {
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    let changed = sqlx::query(
+        "update call_campaigns set status = $4, pause_reason = $5, updated_at = now()
+         where tenant_id = $1 and sequence_id = $2 and status = any($3)",
+    )
+    .bind(tenant.0)
+    .bind(sequence)
+    .bind(&from)
+    .bind(to.as_str())
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    let mut cancelled = Vec::new();
+    if to == CampaignStatus::Cancelled {
+        cancelled = sqlx::query_scalar(
+            "update calls k set state = 'cancelled', outcome = 'cancelled', ended_at = now(),
+                                updated_at = now()
+             from call_campaigns c
+             where k.tenant_id = $1 and c.tenant_id = $1 and c.id = k.campaign_id
+               and c.sequence_id = $2 and k.state = 'queued'
+             returning k.id",
+        )
+        .bind(tenant.0)
+        .bind(sequence)
+        .fetch_all(&mut *conn)
+        .await?;
+    }
+    Ok((changed, cancelled))
 }
 
 /// Creates the campaign and one queued call per contact (in the order given, which is the FIFO
@@ -705,12 +852,14 @@ pub async fn pause_campaign(
     id: Uuid,
     reason: &str,
 ) -> Result<Campaign, Error> {
+    refuse_sequence_owned(pool, tenant, id).await?;
     transition(pool, tenant, id, "active", "paused", Some(reason)).await
 }
 
 /// Resumes a paused campaign. Returns `Conflict` when the campaign is not paused, or when its
 /// agent was removed (give it another agent first).
 pub async fn resume_campaign(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<Campaign, Error> {
+    refuse_sequence_owned(pool, tenant, id).await?;
     let agent_removed: Option<bool> = sqlx::query_scalar(
         "select a.removed_at is not null from call_campaigns c
          join call_agents a on a.tenant_id = c.tenant_id and a.id = c.agent_id
@@ -771,6 +920,7 @@ async fn transition(
 /// Cancels a campaign that is active or paused: its queued calls are cancelled (calls in
 /// progress finish). Returns how many queued calls were cancelled.
 pub async fn cancel_campaign(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<u64, Error> {
+    refuse_sequence_owned(pool, tenant, id).await?;
     let mut tx = pool.begin().await?;
     let updated = sqlx::query(
         "update call_campaigns set status = 'cancelled', updated_at = now()
@@ -806,6 +956,7 @@ pub async fn cancel_campaign(pool: &PgPool, tenant: TenantId, id: Uuid) -> Resul
 /// Deletes a campaign that has no call holding a slot (dialing or in a call); its calls go with
 /// it. `Conflict` while calls are live: cancel it first and let them finish.
 pub async fn delete_campaign(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<(), Error> {
+    refuse_sequence_owned(pool, tenant, id).await?;
     let mut tx = pool.begin().await?;
     campaign(pool, tenant, id).await?;
     let live: i64 = sqlx::query_scalar(
@@ -891,6 +1042,7 @@ pub async fn update_campaign(
     edit: &CampaignEdit,
 ) -> Result<Campaign, Error> {
     let name = bounded_text("name", &edit.name)?;
+    refuse_sequence_owned(&mut *conn, tenant, id).await?;
     // A campaign keeps a removed agent until given another (it stays paused): only a new agent
     // must be usable.
     let current_agent: Option<Uuid> =
@@ -935,31 +1087,33 @@ pub async fn update_campaign(
 }
 
 /// Deletes the tenant's contact and cancels its queued calls in every campaign (calls in
-/// progress finish; ended calls keep their record). Returns how many calls were cancelled;
-/// `NotFound` when the contact is not the tenant's.
-pub async fn delete_contact(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<u64, Error> {
-    let mut tx = pool.begin().await?;
+/// progress finish; ended calls keep their record), in the caller's transaction. Returns the
+/// calls cancelled (a sequence's call step settles with them); `NotFound` when the contact is not
+/// the tenant's.
+pub async fn delete_contact(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<Vec<Uuid>, Error> {
     let deleted = sqlx::query("delete from contacts where tenant_id = $1 and id = $2")
         .bind(tenant.0)
         .bind(id)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?
         .rows_affected();
     if deleted == 0 {
         return Err(Error::not_found(format!("contact {id}")));
     }
-    let cancelled = sqlx::query(
+    Ok(sqlx::query_scalar(
         "update calls set state = 'cancelled', outcome = 'cancelled',
                           error = 'the contact was deleted', ended_at = now(), updated_at = now()
-         where tenant_id = $1 and contact_id = $2 and state = 'queued'",
+         where tenant_id = $1 and contact_id = $2 and state = 'queued'
+         returning id",
     )
     .bind(tenant.0)
     .bind(id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    tx.commit().await?;
-    Ok(cancelled)
+    .fetch_all(&mut *conn)
+    .await?)
 }
 
 /// What removing an agent did.
@@ -1230,7 +1384,7 @@ pub async fn requeue(pool: &PgPool, tenant: TenantId, call: Uuid) -> Result<bool
 
 /// Fails a call that could not be placed (the provider refused it for good).
 pub async fn fail_dialing(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     tenant: TenantId,
     call: Uuid,
     error: &str,
@@ -1243,7 +1397,7 @@ pub async fn fail_dialing(
     .bind(tenant.0)
     .bind(call)
     .bind(error)
-    .execute(pool)
+    .execute(conn)
     .await?
     .rows_affected();
     Ok(updated == 1)
@@ -1377,7 +1531,7 @@ pub async fn mark_in_call(
 /// learning the provider's id. They are `failed` with the reason; none is dialled again, since
 /// the provider may have placed it. Returns the calls ended.
 pub async fn expire_live_calls(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     tenant: TenantId,
     older_than: DateTime<Utc>,
 ) -> Result<Vec<Ended>, Error> {
@@ -1390,7 +1544,7 @@ pub async fn expire_live_calls(
     )
     .bind(tenant.0)
     .bind(older_than)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?)
 }
 
@@ -1409,11 +1563,12 @@ pub async fn oldest_live_dialed_at(
     .await?)
 }
 
-/// Marks active campaigns whose calls have all ended `completed`; returns how many.
+/// Marks active campaigns whose calls have all ended `completed`; returns how many. A campaign
+/// serving a sequence's call step is never complete: its sequence may queue more calls.
 pub async fn complete_finished_campaigns(pool: &PgPool, tenant: TenantId) -> Result<u64, Error> {
     Ok(sqlx::query(
         "update call_campaigns c set status = 'completed', updated_at = now()
-         where c.tenant_id = $1 and c.status = 'active'
+         where c.tenant_id = $1 and c.status = 'active' and c.sequence_id is null
            and not exists (select 1 from calls k where k.tenant_id = $1 and k.campaign_id = c.id
                              and k.state in ('queued', 'dialing', 'in_call'))",
     )

@@ -321,6 +321,23 @@ pub async fn template(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<Templ
         .ok_or_else(|| Error::not_found(format!("template {id}")))
 }
 
+/// The tenant's templates, newest first (at most `limit`).
+pub async fn templates(
+    pool: &PgPool,
+    tenant: TenantId,
+    limit: i64,
+) -> Result<Vec<Template>, Error> {
+    let records: Vec<TemplateRecord> = sqlx::query_as(&format!(
+        "select {TEMPLATE_COLUMNS} from message_templates where tenant_id = $1
+         order by created_at desc, id desc limit $2"
+    ))
+    .bind(tenant.0)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(records.into_iter().map(Template::from).collect())
+}
+
 /// A CSV holding only the header row of `template`'s columns, and one example row.
 pub fn sample_csv(template: &Template) -> String {
     let columns = template.columns();
@@ -764,6 +781,23 @@ impl TryFrom<CampaignRecord> for Campaign {
 const CAMPAIGN_COLUMNS: &str = "id, name, template_id, status, rate_per_sec, concurrency, \
                                 created_at, updated_at, started_at, completed_at";
 
+/// The tenant's message campaigns, newest first (at most `limit`).
+pub async fn campaigns(
+    pool: &PgPool,
+    tenant: TenantId,
+    limit: i64,
+) -> Result<Vec<Campaign>, Error> {
+    let records: Vec<CampaignRecord> = sqlx::query_as(&format!(
+        "select {CAMPAIGN_COLUMNS} from message_campaigns where tenant_id = $1
+         order by created_at desc, id desc limit $2"
+    ))
+    .bind(tenant.0)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    records.into_iter().map(Campaign::try_from).collect()
+}
+
 /// A rejected input row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RejectedRow {
@@ -1146,6 +1180,38 @@ pub async fn failed_recipients(
         .collect()
 }
 
+/// One CSV field, quoted when it must be.
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_owned()
+    }
+}
+
+/// The failed recipients as CSV: `template`'s columns plus `error_code,error` (drop those two to
+/// upload the file again). The API's `failed.csv` and the CLI's `failed-csv` both serve this.
+pub fn failed_csv(template: &Template, failed: &[FailedRecipient]) -> String {
+    let mut columns = template.columns();
+    columns.extend(["error_code".to_owned(), "error".to_owned()]);
+    let mut out = columns.join(",");
+    out.push('\n');
+    for row in failed {
+        let national = row
+            .phone
+            .strip_prefix(&row.country_code)
+            .unwrap_or(&row.phone);
+        let mut fields = vec![row.country_code.as_str(), national];
+        fields.extend(row.params.iter().map(String::as_str));
+        fields.push(row.error_code.as_deref().unwrap_or_default());
+        fields.push(row.error.as_deref().unwrap_or_default());
+        let line: Vec<String> = fields.into_iter().map(csv_field).collect();
+        out.push_str(&line.join(","));
+        out.push('\n');
+    }
+    out
+}
+
 // ---------------------------------------------------------------------------------------------
 // The send step's bookkeeping
 
@@ -1344,6 +1410,13 @@ pub async fn complete_if_done(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn csv_fields_are_quoted_only_when_needed() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    }
 
     #[test]
     fn template_columns_follow_the_placeholders() {

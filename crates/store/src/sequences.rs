@@ -3,8 +3,10 @@
 //! and step, whatever happens to the job that runs it), and the signals inbound webhooks record.
 //!
 //! Every function is scoped by tenant. The step model itself is pure and lives in [`steps`];
-//! the tenant's email, LinkedIn and Instagram provider accounts in [`providers`].
+//! the tenant's email, LinkedIn and Instagram provider accounts in [`providers`]; lead pools and
+//! the daily draw of a `lead_generation` step in [`pools`].
 
+pub mod pools;
 pub mod providers;
 pub mod steps;
 
@@ -246,13 +248,83 @@ pub async fn create(pool: &PgPool, tenant: TenantId, new: &NewSequence) -> Resul
     record.try_into()
 }
 
+/// Whether the users and agents the steps' calls name are the tenant's (and the agents not
+/// removed): the part of a step's validation that needs the database. Runs when a sequence is
+/// saved; the error names the step and the field.
+pub async fn check_step_references(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    steps: &[Step],
+) -> Result<Result<(), steps::StepError>, Error> {
+    for (index, step) in steps.iter().enumerate() {
+        if let Err(e) = check_call_step(conn, tenant, index, step).await? {
+            return Ok(Err(e));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// [`check_step_references`] for the step at `index` alone (before a call step runs).
+pub async fn check_call_step(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    index: usize,
+    step: &Step,
+) -> Result<Result<(), steps::StepError>, Error> {
+    let Step::VoiceAgentCall {
+        user_id, agent_id, ..
+    } = step
+    else {
+        return Ok(Ok(()));
+    };
+    let (user, agent): (bool, bool) = sqlx::query_as(
+        "select exists (select 1 from call_users where tenant_id = $1 and id = $2),
+                exists (select 1 from call_agents
+                        where tenant_id = $1 and id = $3 and removed_at is null)",
+    )
+    .bind(tenant.0)
+    .bind(user_id)
+    .bind(agent_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let error = |field: &str, reason: String| steps::StepError {
+        index,
+        step_type: step.step_type().to_owned(),
+        field: field.to_owned(),
+        reason,
+    };
+    if !user {
+        return Ok(Err(error(
+            "user_id",
+            format!("{user_id} is not one of this tenant's call users"),
+        )));
+    }
+    if !agent {
+        return Ok(Err(error(
+            "agent_id",
+            format!("{agent_id} is not one of this tenant's agents (or it was removed)"),
+        )));
+    }
+    Ok(Ok(()))
+}
+
 pub async fn get(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<Sequence, Error> {
+    let mut conn = pool.acquire().await?;
+    get_in(&mut conn, tenant, id).await
+}
+
+/// [`get`] inside the caller's transaction.
+pub async fn get_in(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<Sequence, Error> {
     let record: Option<SequenceRecord> = sqlx::query_as(&format!(
         "select {SEQUENCE_COLUMNS} from sequences where tenant_id = $1 and id = $2"
     ))
     .bind(tenant.0)
     .bind(id)
-    .fetch_optional(pool)
+    .fetch_optional(conn)
     .await?;
     record
         .ok_or_else(|| Error::not_found(format!("sequence {id}")))?
@@ -506,16 +578,8 @@ pub async fn fail_lead(
     lead: Uuid,
     reason: &str,
 ) -> Result<(), Error> {
-    sqlx::query(
-        "update sequence_leads set state = 'failed', error = $3, updated_at = now()
-         where tenant_id = $1 and id = $2 and state = 'active'",
-    )
-    .bind(tenant.0)
-    .bind(lead)
-    .bind(reason.chars().take(1_000).collect::<String>())
-    .execute(pool)
-    .await?;
-    Ok(())
+    let mut conn = pool.acquire().await?;
+    fail_lead_in(&mut conn, tenant, lead, reason).await
 }
 
 /// What an executed step recorded.
@@ -530,6 +594,8 @@ pub enum Outcome {
     Yes,
     /// A condition did not hold.
     No,
+    /// A call step queued its call; the call's outcome replaces this once it ends.
+    Calling,
 }
 
 impl Outcome {
@@ -539,6 +605,7 @@ impl Outcome {
             Outcome::Waited => "waited",
             Outcome::Yes => "yes",
             Outcome::No => "no",
+            Outcome::Calling => "calling",
         }
     }
 }
@@ -554,6 +621,8 @@ pub struct NewActivity<'a> {
     pub outcome: Outcome,
     pub sender_account: Option<Uuid>,
     pub send_id: Option<Uuid>,
+    /// The call a call step queued.
+    pub call_id: Option<Uuid>,
     pub job_id: &'a str,
     /// When the step ran, by the handler's clock: caps count activities by this instant, in the
     /// same clock their periods are computed in.
@@ -569,8 +638,8 @@ pub async fn record_activity(
 ) -> Result<bool, Error> {
     let inserted = sqlx::query(
         "insert into sequence_activities (tenant_id, id, sequence_id, lead_id, step, step_type,
-             channel, outcome, sender_account_id, send_id, job_id, created_at)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             channel, outcome, sender_account_id, send_id, job_id, created_at, call_id)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          on conflict (tenant_id, lead_id, step) do nothing",
     )
     .bind(tenant.0)
@@ -585,6 +654,7 @@ pub async fn record_activity(
     .bind(activity.send_id)
     .bind(activity.job_id)
     .bind(activity.at)
+    .bind(activity.call_id)
     .execute(conn)
     .await?
     .rows_affected();
@@ -608,6 +678,88 @@ pub async fn activity_send(
     .bind(i64::from(step) as i32)
     .fetch_optional(pool)
     .await?)
+}
+
+/// A call step's activity, if recorded: `(its call, the activity's outcome)` — `calling` until
+/// the call ends, then the call's outcome.
+pub async fn call_activity(
+    pool: &PgPool,
+    tenant: TenantId,
+    lead: Uuid,
+    step: u32,
+) -> Result<Option<(Option<Uuid>, String)>, Error> {
+    Ok(sqlx::query_as(
+        "select call_id, outcome from sequence_activities
+         where tenant_id = $1 and lead_id = $2 and step = $3",
+    )
+    .bind(tenant.0)
+    .bind(lead)
+    .bind(i64::from(step) as i32)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// The call step a call served, settled with the call's `outcome` (`completed`, `busy`,
+/// `no-answer`, `failed`, `cancelled`) if it was still `calling`: returns `(sequence, lead,
+/// step)` when this call settled it, `None` when the call is not a sequence's or its step was
+/// already settled (a second end of the same call changes nothing).
+pub async fn settle_call_activity(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    call: Uuid,
+    outcome: &str,
+) -> Result<Option<(Uuid, Uuid, u32)>, Error> {
+    let row: Option<(Uuid, Uuid, i32)> = sqlx::query_as(
+        "update sequence_activities set outcome = $3
+         where tenant_id = $1 and call_id = $2 and outcome = 'calling'
+         returning sequence_id, lead_id, step",
+    )
+    .bind(tenant.0)
+    .bind(call)
+    .bind(outcome)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(sequence, lead, step)| (sequence, lead, u32::try_from(step).unwrap_or(0))))
+}
+
+/// Records `signal` for the lead inside the caller's transaction (no reply handling: use
+/// [`record_signal`] for inbound events). Returns whether it is new.
+pub async fn record_signal_in(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    lead: Uuid,
+    signal: Signal,
+) -> Result<bool, Error> {
+    Ok(sqlx::query(
+        "insert into sequence_signals (tenant_id, lead_id, signal) values ($1, $2, $3)
+         on conflict do nothing",
+    )
+    .bind(tenant.0)
+    .bind(lead)
+    .bind(signal.as_str())
+    .execute(conn)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// An active lead that cannot go on, inside the caller's transaction.
+pub async fn fail_lead_in(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    lead: Uuid,
+    reason: &str,
+) -> Result<(), Error> {
+    sqlx::query(
+        "update sequence_leads set state = 'failed', error = $3, updated_at = now()
+         where tenant_id = $1 and id = $2 and state = 'active'",
+    )
+    .bind(tenant.0)
+    .bind(lead)
+    .bind(reason.chars().take(1_000).collect::<String>())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// The lead an action's send belongs to, and the send's channel: how a provider's event, which
@@ -759,6 +911,8 @@ pub struct TimelineEntry {
     pub send_id: Option<Uuid>,
     pub send_status: Option<String>,
     pub provider_message_id: Option<String>,
+    /// The call a call step placed (its outcome is the activity's).
+    pub call_id: Option<Uuid>,
     pub at: DateTime<Utc>,
 }
 
@@ -770,7 +924,7 @@ pub async fn timeline(
 ) -> Result<Vec<TimelineEntry>, Error> {
     Ok(sqlx::query_as(
         "select a.step, a.step_type, a.channel, a.outcome, a.send_id, s.status as send_status,
-                s.provider_message_id, a.created_at as at
+                s.provider_message_id, a.call_id, a.created_at as at
          from sequence_activities a
          left join sends s on s.tenant_id = a.tenant_id and s.id = a.send_id
          where a.tenant_id = $1 and a.lead_id = $2 order by a.created_at, a.step",
@@ -808,6 +962,9 @@ pub struct StepStats {
     pub no: u64,
     /// Its sends by status (`attempting`, `unknown`, `sent`, `delivered`, `read`, `failed`).
     pub sends: BTreeMap<String, u64>,
+    /// A call step's calls by outcome (`calling` while not ended, then `completed`, `busy`,
+    /// `no-answer`, `failed`, `cancelled`); empty for other steps.
+    pub calls: BTreeMap<String, u64>,
 }
 
 /// A sequence's live counts.
@@ -877,7 +1034,8 @@ pub async fn stats(pool: &PgPool, tenant: TenantId, sequence: &Sequence) -> Resu
         match outcome.as_str() {
             "yes" => entry.yes += n,
             "no" => entry.no += n,
-            _ => {}
+            "executed" | "waited" => {}
+            call => *entry.calls.entry(call.to_owned()).or_default() += n,
         }
         if let Some(status) = send_status {
             *entry.sends.entry(status).or_default() += n;

@@ -156,6 +156,7 @@ pub const HANDLED: &[&str] = &[
     "daily_select",
     "daily_sync",
     "http",
+    "lead_generation",
     "noop",
     "probe",
     "sequence_step",

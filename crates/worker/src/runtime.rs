@@ -17,7 +17,7 @@ use herald_jobs::daily::{
 };
 use herald_jobs::durable::OutboxOutcomeLayer;
 use herald_jobs::http::{self, HttpJob};
-use herald_jobs::sequences::{self, SequenceStep};
+use herald_jobs::sequences::{self, LeadGeneration, SequenceStep};
 use herald_jobs::whatsapp::{self, WhatsApp, WhatsAppSend, WhatsAppSettings};
 use herald_queue::periodic::claim_period;
 use herald_queue::{Client, DrainHandle, QueueSettings, RedisBackend, RedisTarget, WorkerOptions};
@@ -92,6 +92,7 @@ fn serve_queue(ctx: QueueCtx, metrics: &mut Vec<QueueMetrics>) -> anyhow::Result
         "call_release_slot" => serve!(ReleaseSlot, calls::release_slot, ctx, metrics),
         "whatsapp_send" => serve!(WhatsAppSend, whatsapp::send, ctx, metrics),
         "sequence_step" => serve!(SequenceStep, sequences::step, ctx, metrics),
+        "lead_generation" => serve!(LeadGeneration, sequences::generate, ctx, metrics),
         other => anyhow::bail!("queue {other:?} has no handler in this herald-worker build"),
     })
 }

@@ -36,7 +36,7 @@ fn campaign_action(summary: &str) -> Value {
         "responses": tenant_only(json!({
             "200": json_response("The campaign.", "CallCampaignEnvelope"),
             "404": error_response("No such campaign for this tenant."),
-            "409": error_response("The campaign is not in a state that allows it.")
+            "409": error_response("The campaign is not in a state that allows it, or it serves a sequence's call step (pause, start or stop the sequence instead).")
         }))
     }})
 }
@@ -171,7 +171,7 @@ pub(super) fn paths() -> Value {
                 "responses": write_errors(json!({
                     "200": json_response("The campaign.", "CallCampaignEnvelope"),
                     "404": error_response("No such campaign, or an agent that is not the tenant's or was removed."),
-                    "409": error_response("The campaign is cancelled or completed.")
+                    "409": error_response("The campaign is cancelled or completed, or it serves a sequence's call step.")
                 }))
             },
             "delete": {
@@ -180,7 +180,7 @@ pub(super) fn paths() -> Value {
                 "responses": tenant_only(json!({
                     "200": {"description": "Deleted.", "content": {"application/json": {"schema": {"type": "object"}}}},
                     "404": error_response("No such campaign for this tenant."),
-                    "409": error_response("Calls are in progress.")
+                    "409": error_response("Calls are in progress, or the campaign serves a sequence's call step.")
                 }))
             }
         },
@@ -306,6 +306,8 @@ pub(super) fn schemas() -> Value {
             "time_zone": {"type": "string"}, "start_date": {"type": "string", "format": "date"},
             "status": {"type": "string", "enum": ["active", "paused", "cancelled", "completed"]},
             "pause_reason": {"type": "string", "nullable": true},
+            "sequence_id": {"type": "string", "format": "uuid", "nullable": true, "description": "Set when the campaign serves a sequence's voice_agent_call step: it follows its sequence (paused, resumed, cancelled with it) and refuses changes by hand (409)."},
+            "sequence_step": {"type": "integer", "nullable": true, "description": "The index of that step."},
             "created_at": {"type": "string", "format": "date-time"}, "updated_at": {"type": "string", "format": "date-time"}
         }},
         "CallCampaignStats": {"type": "object", "properties": {

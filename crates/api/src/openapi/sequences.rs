@@ -14,6 +14,15 @@ fn sequence_param() -> Value {
     )
 }
 
+fn pool_param() -> Value {
+    param(
+        "name",
+        "path",
+        "A lead pool's name: 1 to 100 letters, digits, '-', '_' or '.'.",
+        json!({"type": "string", "pattern": "^[A-Za-z0-9._-]{1,100}$"}),
+    )
+}
+
 fn action(summary: &str) -> Value {
     json!({"post": {
         "summary": summary,
@@ -101,6 +110,26 @@ pub(super) fn paths() -> Value {
                 "404": error_response("No such lead in this tenant's sequence.")
             }))
         }},
+        "/v1/lead-pools/{name}/people": {"post": {
+            "summary": "Load people into a lead pool (created by its first person), row by row: each person has the lead shape of POST /v1/sequences/{id}/leads with external_id required (unique in the pool; a person already there gets the new variables and keeps their place). A rejected row is reported and skipped; the others are stored.",
+            "parameters": [pool_param(), idempotency_param()],
+            "requestBody": json_body("LeadPoolPeopleRequest"),
+            "responses": tenant_only(json!({
+                "200": json_response("The row report.", "LeadPoolLoadReport"),
+                "400": error_response("Malformed JSON, or a pool name that is not 1 to 100 letters, digits, '-', '_' or '.'."),
+                "415": error_response("Content-Type is not application/json."),
+                "422": error_response("The body is not {\"people\": [...]} or holds more than 10000 people.")
+            }))
+        }},
+        "/v1/lead-pools/{name}": {"get": {
+            "summary": "A lead pool's counts: people, people already a lead of a sequence, leads drawn per sequence.",
+            "parameters": [pool_param()],
+            "responses": tenant_only(json!({
+                "200": json_response("The counts.", "LeadPool"),
+                "400": error_response("A pool name that is not 1 to 100 letters, digits, '-', '_' or '.'."),
+                "404": error_response("No one in this tenant's pool of that name.")
+            }))
+        }},
         "/v1/webhooks/sequences/{tenant_id}": {"post": {
             "summary": "Inbound events about leads and their sends: one event {lead_id | send_id, event, at?, reason?} or {events: [...]} (1 to 1000). event: replied, opened, clicked, connected (recorded on the lead; a reply stops it; the send moves to read) or delivered, bounced, failed (the send's status, forward only). Signed with X-Herald-Signature: sha256=<hex HMAC-SHA256 of the raw body> with the tenant's HMAC secret, or with a provider's webhook_secret (which covers only that channel's sends, by send_id). A repeated or late event changes nothing.",
             "security": [],
@@ -124,7 +153,7 @@ pub(super) fn schemas() -> Value {
     json!({
         "SequenceRequest": {"type": "object", "required": ["name", "steps"], "additionalProperties": false, "properties": {
             "name": {"type": "string"},
-            "steps": {"type": "array", "minItems": 1, "maxItems": 100, "items": {"type": "object", "required": ["type"], "description": "email_send {subject, body}; email_followup {body}; whatsapp_send {template, language, params?}; linkedin_visit; linkedin_connect {note?}; linkedin_message {message}; linkedin_follow; instagram_dm {message}; instagram_follow; instagram_like; delay {days?, hours?}; condition {if: connected|replied|opened|clicked, yes, no} (later step indexes; the step count ends the sequence). voice_agent_call and lead_generation are refused for now.", "properties": {"type": {"type": "string"}}}},
+            "steps": {"type": "array", "minItems": 1, "maxItems": 100, "items": {"type": "object", "required": ["type"], "description": "email_send {subject, body}; email_followup {body}; whatsapp_send {template, language, params?}; linkedin_visit; linkedin_connect {note?}; linkedin_message {message}; linkedin_follow; instagram_dm {message}; instagram_follow; instagram_like; delay {days?, hours?}; condition {if: connected|replied|opened|clicked, yes, no} (later step indexes; the step count ends the sequence). voice_agent_call {user_id, agent_id} (both the tenant's, checked on save and before the step runs; one call through the call-campaign slots and the sequence's window; the lead needs an E.164 phone and moves on when the call ends; a completed call records the connected signal); lead_generation {daily_limit: 1..10000, pool} (only as the first step, followed by others: once per local day while active, up to daily_limit people of the lead pool who are not yet leads start at step 1).", "properties": {"type": {"type": "string"}}}},
             "rules": {"type": "object", "additionalProperties": false, "properties": {
                 "time_zone": {"type": "string", "default": "UTC"},
                 "window": {"type": "object", "properties": {"start": {"type": "string", "example": "09:00"}, "end": {"type": "string", "example": "18:00"}}},
@@ -151,7 +180,8 @@ pub(super) fn schemas() -> Value {
             "steps": {"type": "array", "items": {"type": "object", "properties": {
                 "step": {"type": "integer"}, "step_type": {"type": "string"}, "executed": {"type": "integer"},
                 "yes": {"type": "integer"}, "no": {"type": "integer"},
-                "sends": {"type": "object", "additionalProperties": {"type": "integer"}}
+                "sends": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "calls": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "A voice_agent_call step's calls by outcome: calling (not ended yet), completed, busy, no-answer, failed, cancelled."}
             }}},
             "signals": {"type": "object", "additionalProperties": {"type": "integer"}}
         }},
@@ -163,7 +193,8 @@ pub(super) fn schemas() -> Value {
             "error": {"type": "string", "nullable": true}, "variables": {"type": "object"},
             "activities": {"type": "array", "items": {"type": "object", "properties": {
                 "step": {"type": "integer"}, "step_type": {"type": "string"}, "channel": {"type": "string", "nullable": true},
-                "outcome": {"type": "string", "enum": ["executed", "waited", "yes", "no"]},
+                "outcome": {"type": "string", "enum": ["executed", "waited", "yes", "no", "calling", "completed", "busy", "no-answer", "failed", "cancelled"], "description": "A voice_agent_call step is calling until its call ends, then the call's outcome."},
+                "call_id": {"type": "string", "format": "uuid", "nullable": true, "description": "The call a voice_agent_call step placed (GET /v1/calls/{id})."},
                 "send_id": {"type": "string", "nullable": true}, "send_status": {"type": "string", "nullable": true},
                 "provider_message_id": {"type": "string", "nullable": true}, "at": {"type": "string", "format": "date-time"}
             }}},
@@ -180,6 +211,18 @@ pub(super) fn schemas() -> Value {
             "lead_id": {"type": "string"}, "send_id": {"type": "string"}, "event": {"type": "string"}, "new": {"type": "boolean"},
             "received": {"type": "integer"}, "repeats": {"type": "integer"}, "unknown": {"type": "integer"},
             "results": {"type": "array", "items": {"type": "object", "properties": {"send_id": {"type": "string"}, "lead_id": {"type": "string"}, "event": {"type": "string"}, "outcome": {"type": "string", "enum": ["new", "repeat", "unknown"]}}}}
+        }},
+        "LeadPoolPeopleRequest": {"type": "object", "required": ["people"], "additionalProperties": false, "properties": {"people": {"type": "array", "maxItems": 10000, "items": {"type": "object", "required": ["external_id"], "additionalProperties": {"type": "string"}, "description": "external_id (1 to 200 characters) and the template variables (first_name, last_name, company_name, title, email, phone (E.164 when given), linkedin_url, instagram_handle)."}}}},
+        "LeadPoolLoadReport": {"type": "object", "properties": {
+            "pool": {"type": "string"}, "accepted": {"type": "integer"},
+            "added": {"type": "integer", "description": "Accepted people new to the pool."},
+            "updated": {"type": "integer", "description": "Accepted people already in the pool (variables replaced)."},
+            "rejected": {"type": "array", "items": {"type": "object", "properties": {"index": {"type": "integer"}, "field": {"type": "string", "example": "people[3].external_id"}, "reason": {"type": "string"}}}}
+        }},
+        "LeadPool": {"type": "object", "properties": {
+            "name": {"type": "string"}, "people": {"type": "integer"},
+            "in_sequences": {"type": "integer", "description": "People that are a lead of at least one sequence (by external id)."},
+            "drawn_by_sequence": {"type": "object", "additionalProperties": {"type": "integer"}, "description": "Sequence id → leads its lead_generation step drew from this pool."}
         }},
         "ChannelProvider": {"type": "object", "required": ["api_key", "webhook_secret"], "additionalProperties": false, "properties": {
             "api_url": {"type": "string", "nullable": true, "description": "The provider's base URL; null or absent: the workers' <CHANNEL>_API_URL."},

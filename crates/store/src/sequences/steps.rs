@@ -13,6 +13,7 @@ use chrono::{DateTime, Datelike, Duration, NaiveTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use uuid::Uuid;
 
 /// The variables a message template may use, and a lead may carry.
 pub const VARIABLES: &[&str] = &[
@@ -30,6 +31,25 @@ pub const VARIABLES: &[&str] = &[
 pub const MAX_STEPS: usize = 100;
 /// The longest single delay.
 pub const MAX_DELAY_HOURS: u64 = 365 * 24;
+/// The most people a `lead_generation` step adds in one local day.
+pub const MAX_DAILY_LEADS: u32 = 10_000;
+/// The longest lead pool name.
+pub const MAX_POOL_NAME_LEN: usize = 100;
+
+/// Whether `name` can name a lead pool: 1 to [`MAX_POOL_NAME_LEN`] characters, each a letter,
+/// digit, `-`, `_` or `.` (it appears in a URL path). The error is the reason.
+pub fn check_pool_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_POOL_NAME_LEN {
+        return Err(format!("must be 1 to {MAX_POOL_NAME_LEN} characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err("may hold only letters, digits, '-', '_' and '.'".into());
+    }
+    Ok(())
+}
 
 /// Where a step's effect goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -270,6 +290,36 @@ pub enum Step {
         yes: usize,
         no: usize,
     },
+    /// One call to the lead by `agent_id`, on behalf of `user_id`, through the call-campaign
+    /// slots; the lead moves on when the call ends.
+    VoiceAgentCall {
+        #[serde(rename = "type")]
+        kind: VoiceAgentCallTag,
+        user_id: Uuid,
+        agent_id: Uuid,
+    },
+    /// Fills the sequence once per local day with up to `daily_limit` people from the lead
+    /// pool `pool`. Only ever the first step; generated leads start after it.
+    LeadGeneration {
+        #[serde(rename = "type")]
+        kind: LeadGenerationTag,
+        daily_limit: u32,
+        pool: String,
+    },
+}
+
+/// Serialises as `"voice_agent_call"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VoiceAgentCallTag {
+    VoiceAgentCall,
+}
+
+/// Serialises as `"lead_generation"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeadGenerationTag {
+    LeadGeneration,
 }
 
 /// Serialises as `"delay"`.
@@ -292,6 +342,24 @@ impl Step {
             Step::Action(action) => action.step_type(),
             Step::Delay { .. } => "delay",
             Step::Condition { .. } => "condition",
+            Step::VoiceAgentCall { .. } => "voice_agent_call",
+            Step::LeadGeneration { .. } => "lead_generation",
+        }
+    }
+
+    pub fn voice_agent_call(user_id: Uuid, agent_id: Uuid) -> Step {
+        Step::VoiceAgentCall {
+            kind: VoiceAgentCallTag::VoiceAgentCall,
+            user_id,
+            agent_id,
+        }
+    }
+
+    pub fn lead_generation(daily_limit: u32, pool: impl Into<String>) -> Step {
+        Step::LeadGeneration {
+            kind: LeadGenerationTag::LeadGeneration,
+            daily_limit,
+            pool: pool.into(),
         }
     }
 
@@ -330,7 +398,7 @@ impl StepError {
     }
 }
 
-/// The step types herald knows: the ones it can run, and the ones it refuses for now.
+/// The step types herald knows.
 pub const STEP_TYPES: &[&str] = &[
     "email_send",
     "email_followup",
@@ -405,6 +473,13 @@ impl StepFields<'_> {
             None | Some(Value::Null) => Ok(None),
             _ => self.template(field).map(Some),
         }
+    }
+
+    fn id(&self, field: &str) -> Result<Uuid, StepError> {
+        self.text(field)?
+            .trim()
+            .parse()
+            .map_err(|_| self.error(field, "must be an id (a UUID)"))
     }
 
     fn whole(&self, field: &str) -> Result<Option<u64>, StepError> {
@@ -556,16 +631,39 @@ fn parse_step(index: usize, value: &Value, len: usize) -> Result<Step, StepError
             Step::condition(signal, branch("yes")?, branch("no")?)
         }
         "voice_agent_call" => {
-            return Err(f.error(
-                "type",
-                "voice_agent_call is not supported in sequences yet; use a call campaign",
-            ));
+            f.allow(&["user_id", "agent_id"])?;
+            Step::voice_agent_call(f.id("user_id")?, f.id("agent_id")?)
         }
         "lead_generation" => {
-            return Err(f.error(
-                "type",
-                "lead_generation is not supported in sequences yet; add leads with POST /v1/sequences/{id}/leads",
-            ));
+            f.allow(&["daily_limit", "pool"])?;
+            if index != 0 {
+                return Err(f.error(
+                    "type",
+                    "lead_generation must be the sequence's first step (it fills the sequence, \
+                     it is not run per lead)",
+                ));
+            }
+            if len < 2 {
+                return Err(f.error(
+                    "type",
+                    "lead_generation must be followed by the steps its leads walk",
+                ));
+            }
+            let daily_limit = f
+                .whole("daily_limit")?
+                .ok_or_else(|| f.error("daily_limit", "is required"))?;
+            let daily_limit = u32::try_from(daily_limit)
+                .ok()
+                .filter(|n| (1..=MAX_DAILY_LEADS).contains(n))
+                .ok_or_else(|| {
+                    f.error(
+                        "daily_limit",
+                        format!("must be 1 to {MAX_DAILY_LEADS} leads a day"),
+                    )
+                })?;
+            let pool = f.text("pool")?;
+            check_pool_name(&pool).map_err(|reason| f.error("pool", reason))?;
+            Step::lead_generation(daily_limit, pool)
         }
         other => {
             return Err(StepError {
@@ -623,6 +721,34 @@ pub fn channels(steps: &[Step]) -> Vec<Channel> {
     out.sort();
     out.dedup();
     out
+}
+
+/// The lead variables the steps need to reach a lead: each action channel's address, and
+/// `phone` for a call.
+pub fn needed_variables(steps: &[Step]) -> Vec<&'static str> {
+    let mut out: Vec<&'static str> = channels(steps)
+        .into_iter()
+        .map(Channel::address_variable)
+        .collect();
+    if steps
+        .iter()
+        .any(|s| matches!(s, Step::VoiceAgentCall { .. }))
+    {
+        out.push("phone");
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The sequence's `lead_generation` step, if it has one: `(daily_limit, pool)`.
+pub fn lead_generation(steps: &[Step]) -> Option<(u32, &str)> {
+    match steps.first() {
+        Some(Step::LeadGeneration {
+            daily_limit, pool, ..
+        }) => Some((*daily_limit, pool.as_str())),
+        _ => None,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -887,12 +1013,121 @@ mod tests {
         assert_eq!(err.field, "yes");
         let err = parse_steps(&json!([{"type": "delay"}])).unwrap_err();
         assert_eq!(err.field, "days");
-        let err = parse_steps(&json!([{"type": "voice_agent_call"}])).unwrap_err();
-        assert!(err.reason.contains("not supported"), "{err}");
         let err = parse_steps(&json!([{"type": "fax"}])).unwrap_err();
         assert_eq!(
             (err.step_type.as_str(), err.field.as_str()),
             ("fax", "type")
+        );
+    }
+
+    #[test]
+    fn a_voice_agent_call_needs_its_user_and_agent() {
+        let user = "0190a5b0-0000-7000-8000-000000000001";
+        let agent = "0190a5b0-0000-7000-8000-000000000002";
+        let err = parse_steps(&json!([
+            {"type": "email_send", "subject": "Hi", "body": "Hello"},
+            {"type": "voice_agent_call", "agent_id": agent}
+        ]))
+        .unwrap_err();
+        assert_eq!(err.path(), "steps[1].user_id");
+        assert_eq!(
+            err.to_string(),
+            "step 1 (voice_agent_call): user_id is required"
+        );
+        let err = parse_steps(&json!([{"type": "voice_agent_call", "user_id": user}])).unwrap_err();
+        assert_eq!((err.index, err.field.as_str()), (0, "agent_id"));
+        let err = parse_steps(&json!([
+            {"type": "voice_agent_call", "user_id": "bob", "agent_id": agent}
+        ]))
+        .unwrap_err();
+        assert_eq!(err.field, "user_id");
+        assert!(err.reason.contains("UUID"), "{err}");
+        let err = parse_steps(&json!([
+            {"type": "voice_agent_call", "user_id": user, "agent_id": agent, "script": "x"}
+        ]))
+        .unwrap_err();
+        assert_eq!(err.field, "script");
+        let steps = parse_steps(&json!([
+            {"type": "voice_agent_call", "user_id": user, "agent_id": agent},
+            {"type": "condition", "if": "connected", "yes": 2, "no": 2}
+        ]))
+        .unwrap();
+        assert_eq!(
+            steps[0],
+            Step::voice_agent_call(user.parse().unwrap(), agent.parse().unwrap())
+        );
+        assert_eq!(parse_steps(&steps_json(&steps)).unwrap(), steps);
+        assert_eq!(needed_variables(&steps), vec!["phone"]);
+        assert!(channels(&steps).is_empty());
+    }
+
+    #[test]
+    fn lead_generation_is_the_first_step_with_a_bounded_daily_limit() {
+        let ok = parse_steps(&json!([
+            {"type": "lead_generation", "daily_limit": 50, "pool": "q4-prospects"},
+            {"type": "email_send", "subject": "Hi", "body": "Hello"}
+        ]))
+        .unwrap();
+        assert_eq!(lead_generation(&ok), Some((50, "q4-prospects")));
+        assert_eq!(parse_steps(&steps_json(&ok)).unwrap(), ok);
+        assert_eq!(needed_variables(&ok), vec!["email"]);
+
+        let err = parse_steps(&json!([
+            {"type": "email_send", "subject": "Hi", "body": "Hello"},
+            {"type": "lead_generation", "daily_limit": 50, "pool": "p"}
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            (err.index, err.step_type.as_str(), err.field.as_str()),
+            (1, "lead_generation", "type")
+        );
+        assert!(err.reason.contains("first step"), "{err}");
+        for (limit, field) in [
+            (json!(0), "daily_limit"),
+            (json!(10_001), "daily_limit"),
+            (json!(-1), "daily_limit"),
+            (json!("ten"), "daily_limit"),
+        ] {
+            let err = parse_steps(&json!([
+                {"type": "lead_generation", "daily_limit": limit, "pool": "p"},
+                {"type": "linkedin_visit"}
+            ]))
+            .unwrap_err();
+            assert_eq!((err.index, err.field.as_str()), (0, field), "{err}");
+        }
+        let err = parse_steps(&json!([
+            {"type": "lead_generation", "pool": "p"},
+            {"type": "linkedin_visit"}
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "step 0 (lead_generation): daily_limit is required"
+        );
+        let err = parse_steps(&json!([
+            {"type": "lead_generation", "daily_limit": 10},
+            {"type": "linkedin_visit"}
+        ]))
+        .unwrap_err();
+        assert_eq!(err.path(), "steps[0].pool");
+        let err = parse_steps(&json!([
+            {"type": "lead_generation", "daily_limit": 10, "pool": "a b/c"},
+            {"type": "linkedin_visit"}
+        ]))
+        .unwrap_err();
+        assert_eq!(err.field, "pool");
+        let err = parse_steps(&json!([
+            {"type": "lead_generation", "daily_limit": 10, "pool": "p"}
+        ]))
+        .unwrap_err();
+        assert!(err.reason.contains("followed"), "{err}");
+        assert_eq!(
+            parse_steps(&json!([
+                {"type": "lead_generation", "daily_limit": 10_000, "pool": "p"},
+                {"type": "linkedin_visit"}
+            ]))
+            .map(|s| lead_generation(&s).map(|(n, _)| n)),
+            Ok(Some(10_000))
         );
     }
 
