@@ -811,9 +811,21 @@ pub async fn release_slot(
     meta: JobMeta,
     deps: Data<Deps>,
 ) -> Result<(), JobError> {
-    run_release_slot(&deps, meta.tenant, &job, meta.is_last_attempt())
-        .await
-        .map(|_| ())
+    let released = run_release_slot(&deps, meta.tenant, &job, meta.is_last_attempt()).await?;
+    if let Released::Ended {
+        slot_freed: true, ..
+    } = released
+    {
+        // The freed slot goes to the next call now, in this job, instead of after the dispatch
+        // job just written has crossed the outbox and the queue (two hops fewer between the
+        // webhook and the next call). That job stays the guarantee: it runs anyway and finds
+        // the slot taken or the queue empty. Concurrent dispatch runs are safe (ADR 0004), and
+        // a failure here is the dispatch job's to repeat, not the release's.
+        if let Err(e) = run_dispatch(&deps, meta.tenant, Utc::now()).await {
+            tracing::debug!(tenant = %meta.tenant, error = %e, "dispatch after a release failed; the dispatch job will run");
+        }
+    }
+    Ok(())
 }
 
 fn outcome_of(reason: Option<&str>) -> Outcome {
