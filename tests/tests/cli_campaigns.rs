@@ -156,16 +156,11 @@ async fn message_campaign(pool: &PgPool, tenant: TenantId) -> (Uuid, Uuid) {
     .fetch_one(pool)
     .await
     .unwrap();
-    let messages::Begin::Started(send) = messages::begin_send(
-        pool,
-        tenant,
-        campaign.id,
-        first,
-        "cli-test-job",
-        std::time::Duration::from_secs(60),
-    )
-    .await
-    .unwrap() else {
+    let messages::Begin::Started(send) =
+        messages::begin_send(pool, tenant, campaign.id, first, "cli-test-job")
+            .await
+            .unwrap()
+    else {
         panic!("the send did not begin");
     };
     sends::apply(

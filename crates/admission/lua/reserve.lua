@@ -1,18 +1,24 @@
 -- Admits one request against every limit at once (GCRA, as admit.lua), and when it cannot,
 -- reserves the request's slot so the caller comes back to a slot that is already its own.
+-- Optionally under a cap: a second GCRA counted on the instants requests are actually admitted,
+-- which every admission must pass too, so that late reservations never bunch.
 --
 -- KEYS[1..n]: the limits' states, their theoretical arrival times (TAT) in microseconds.
 -- KEYS[n+1..2n]: the same limits' holds (the instant a 429 lock-out ends), as hold.lua keeps them.
--- KEYS[2n+1]: the reservation (its slot in microseconds).
+-- KEYS[2n+1]: the reservation (the instant it may be taken, in microseconds).
+-- KEYS[2n+2]: the cap's state (its TAT over admission instants), only when ARGV[3] > 0.
 -- ARGV[1]: now in microseconds, or '' to use Redis's own clock (one clock for the fleet).
--- ARGV[2]: grace in microseconds: how late after its slot a reservation is still honoured.
--- ARGV[2i+1], ARGV[2i+2]: KEYS[i]'s emission interval and burst tolerance, in microseconds.
+-- ARGV[2]: grace in microseconds: how late after its instant a reservation is still honoured.
+-- ARGV[3], ARGV[4]: the cap's emission interval and tolerance in microseconds (0, 0: no cap).
+-- ARGV[2i+3], ARGV[2i+4]: KEYS[i]'s emission interval and burst tolerance, in microseconds.
 --
--- Returns {1, now} when admitted (on the reservation, or on a free slot) and {0, slot} when
--- not: the request's slot is then reserved, every TAT already counts it, and the caller
--- should come back at `slot`. A reservation is honoured once, from its slot to slot + grace,
--- and only if no hold covers the slot; otherwise it is forfeited (its slot stays unused) and
--- the request reserves again behind everyone already waiting.
+-- Returns {1, now} when admitted (on the reservation, or on a free slot) and {0, instant}
+-- when not: the request's slot is then reserved, every TAT already counts it, and the caller
+-- should come back at `instant`. A reservation is honoured once, from its instant to instant +
+-- grace, only if no hold covers it, and only if the cap allows an admission now; when the cap
+-- does not, the reservation moves to the instant the cap names (nothing is forfeited). A
+-- reservation a hold covers or the caller came back to too late is forfeited (its slot stays
+-- unused) and the request reserves again behind everyone already waiting.
 local now
 if ARGV[1] == '' then
   local t = redis.call('TIME')
@@ -21,8 +27,36 @@ else
   now = tonumber(ARGV[1])
 end
 local grace = tonumber(ARGV[2])
-local n = (#KEYS - 1) / 2
+local cap_interval = tonumber(ARGV[3])
+local cap_tolerance = tonumber(ARGV[4])
+local n = (#ARGV - 4) / 2
 local reservation_key = KEYS[2 * n + 1]
+local cap_key = KEYS[2 * n + 2]
+
+-- The first instant the cap admits (at most `now` when it admits now).
+local function cap_allows_at()
+  if cap_interval == 0 then
+    return now
+  end
+  local tat = tonumber(redis.call('GET', cap_key) or '0')
+  return math.max(tat, now) - cap_tolerance
+end
+
+-- Counts an admission at `now` against the cap.
+local function cap_take()
+  if cap_interval == 0 then
+    return
+  end
+  local tat = math.max(tonumber(redis.call('GET', cap_key) or '0'), now) + cap_interval
+  local ttl_ms = math.ceil((tat - now) / 1000) + 1000
+  redis.call('SET', cap_key, string.format('%.0f', tat), 'PX', ttl_ms)
+end
+
+local function reserve(at)
+  local ttl_ms = math.ceil((at + grace - now) / 1000) + 1000
+  redis.call('SET', reservation_key, string.format('%.0f', at), 'PX', ttl_ms)
+  return {0, string.format('%.0f', at)}
+end
 
 local reserved = redis.call('GET', reservation_key)
 if reserved then
@@ -39,19 +73,26 @@ if reserved then
       return {0, string.format('%.0f', slot)}
     end
     if now <= slot + grace then
+      local cap_at = cap_allows_at()
+      if cap_at > now then
+        -- Admitting it now would put more requests in a moment than the cap allows (others
+        -- were admitted on their own slots meanwhile): it keeps its place, a little later.
+        return reserve(cap_at)
+      end
       -- The TATs counted this request when the slot was reserved: nothing is paid twice.
       redis.call('DEL', reservation_key)
+      cap_take()
       return {1, string.format('%.0f', now)}
     end
   end
-  -- A hold covers the slot, or the caller came back too late for its slot to be safe.
+  -- A hold covers the slot, or the caller came back too late for its slot to be kept.
   redis.call('DEL', reservation_key)
 end
 
 local slot = now
 local tats = {}
 for i = 1, n do
-  local tolerance = tonumber(ARGV[2 * i + 2])
+  local tolerance = tonumber(ARGV[2 * i + 4])
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   tats[i] = tat
   local allowed_at = math.max(tat, now) - tolerance
@@ -61,16 +102,16 @@ for i = 1, n do
 end
 
 for i = 1, n do
-  local interval = tonumber(ARGV[2 * i + 1])
+  local interval = tonumber(ARGV[2 * i + 3])
   local next_tat = math.max(tats[i], slot) + interval
   -- The state expires once it no longer constrains anyone, so idle limits cost no memory.
   local ttl_ms = math.ceil((next_tat - now) / 1000) + 1000
   redis.call('SET', KEYS[i], string.format('%.0f', next_tat), 'PX', ttl_ms)
 end
 
-if slot <= now then
+local at = math.max(slot, cap_allows_at())
+if at <= now then
+  cap_take()
   return {1, string.format('%.0f', now)}
 end
-local reservation_ttl_ms = math.ceil((slot + grace - now) / 1000) + 1000
-redis.call('SET', reservation_key, string.format('%.0f', slot), 'PX', reservation_ttl_ms)
-return {0, string.format('%.0f', slot)}
+return reserve(at)

@@ -15,7 +15,9 @@
 //! A caller that comes back when told (a deferred job) should use
 //! [`RateLimiter::admit_reserving`]: a refusal then reserves the request's slot under a name the
 //! caller gives again when it comes back, so the slot is its own and its lateness never pushes
-//! the slots after it back (docs/decisions/0007-limiter-reservations.md).
+//! the slots after it back (docs/decisions/0007-limiter-reservations.md). Under a cap
+//! ([`RateLimiter::admit_reserving_capped`]) the admission instants themselves are bounded too,
+//! however late reservations are taken (docs/decisions/0012-whatsapp-send-throughput.md).
 
 mod connection;
 pub mod fleet;
@@ -101,6 +103,32 @@ impl Limit {
             interval_us,
             burst: 1,
             lateness_us: 0,
+        })
+    }
+
+    /// A limit that admits at most `n` requests in any window of length `window` (half-open, as
+    /// providers count a second), at one request per `interval` on average, `interval` being at
+    /// least `window / n`: the slack `n × interval − window` becomes the tolerance (a burst of
+    /// whole intervals, the rest forgiven lateness). GCRA admits `k` requests no closer than
+    /// `(k − 1) × interval − tolerance`, so `n + 1` would span at least `window`: never in one
+    /// window. The longer `interval`, the more a burst is tolerated and the slower the pace.
+    pub fn at_most(n: u32, window: Duration, interval: Duration) -> Result<Self, Error> {
+        let window_us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
+        let interval_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+        let span_us = u64::from(n).saturating_mul(interval_us);
+        if n == 0 || interval_us == 0 || span_us < window_us {
+            return Err(Error::InvalidLimit(format!(
+                "{n} requests every {interval:?} cannot fit {n} in {window:?}"
+            )));
+        }
+        let tolerance_us = span_us - window_us;
+        let burst = u32::try_from(tolerance_us / interval_us)
+            .unwrap_or(u32::MAX)
+            .saturating_add(1);
+        Ok(Self {
+            interval_us,
+            burst,
+            lateness_us: tolerance_us % interval_us,
         })
     }
 
@@ -284,7 +312,47 @@ impl RateLimiter {
         reservation_id: &str,
         grace: Duration,
     ) -> Result<Admission, Error> {
-        self.run_reserve(keys, reservation_id, grace, None).await
+        self.run_reserve(keys, None, reservation_id, grace, None)
+            .await
+    }
+
+    /// [`admit_reserving`](Self::admit_reserving) under a cap: `cap`'s limit is counted on the
+    /// instants requests are actually admitted (by Redis's clock), and every admission, on a
+    /// reservation or on a free slot, must pass it too. A reservation the cap does not allow at
+    /// the moment its caller comes back keeps its place and moves to the instant the cap names
+    /// (answered as [`Admission::WaitUntil`], with its grace counted from there).
+    ///
+    /// The keys' limits pace the slots; the cap bounds what reservations taken late can do to
+    /// the admission instants: with a cap of interval `T` and tolerance `τ`, any window shorter
+    /// than `W` holds fewer than `1 + (W + τ) / T` admissions, however late the callers come
+    /// back within their grace. So the grace can be long (a loaded worker fleet wakes late
+    /// without forfeiting slots) and the bound still holds by construction.
+    ///
+    /// `cap` is a key of this limiter ([`key`](Self::key)) used only as a cap: never pass it
+    /// among `keys`, and always with the same keys.
+    pub async fn admit_reserving_capped(
+        &self,
+        keys: &[LimitKey],
+        cap: &LimitKey,
+        reservation_id: &str,
+        grace: Duration,
+    ) -> Result<Admission, Error> {
+        self.run_reserve(keys, Some(cap), reservation_id, grace, None)
+            .await
+    }
+
+    /// [`admit_reserving_capped`](Self::admit_reserving_capped) at an explicit instant (Unix
+    /// milliseconds), as [`admit_at`](Self::admit_at).
+    pub async fn admit_reserving_capped_at(
+        &self,
+        keys: &[LimitKey],
+        cap: &LimitKey,
+        reservation_id: &str,
+        grace: Duration,
+        now_ms: u64,
+    ) -> Result<Admission, Error> {
+        self.run_reserve(keys, Some(cap), reservation_id, grace, Some(now_ms))
+            .await
     }
 
     /// [`admit_reserving`](Self::admit_reserving) at an explicit instant (Unix milliseconds),
@@ -296,7 +364,7 @@ impl RateLimiter {
         grace: Duration,
         now_ms: u64,
     ) -> Result<Admission, Error> {
-        self.run_reserve(keys, reservation_id, grace, Some(now_ms))
+        self.run_reserve(keys, None, reservation_id, grace, Some(now_ms))
             .await
     }
 
@@ -319,12 +387,21 @@ impl RateLimiter {
     async fn run_reserve(
         &self,
         keys: &[LimitKey],
+        cap: Option<&LimitKey>,
         reservation_id: &str,
         grace: Duration,
         now_ms: Option<u64>,
     ) -> Result<Admission, Error> {
         if keys.is_empty() || keys.len() > MAX_KEYS_PER_ADMIT {
             return Err(Error::KeyCount(keys.len()));
+        }
+        if let Some(cap) = cap
+            && keys.iter().any(|key| key.redis_key == cap.redis_key)
+        {
+            return Err(Error::InvalidLimit(format!(
+                "{} is both a limit and the cap of one admission",
+                cap.redis_key
+            )));
         }
         let reservation_key = self.reservation_key(reservation_id)?;
         let mut invocation = self.scripts.reserve.prepare_invoke();
@@ -338,6 +415,17 @@ impl RateLimiter {
         invocation
             .arg(now_arg(now_ms))
             .arg(u64::try_from(grace.as_micros()).unwrap_or(u64::MAX));
+        match cap {
+            Some(cap) => {
+                invocation.key(&cap.redis_key);
+                invocation
+                    .arg(cap.limit.interval_us)
+                    .arg(cap.limit.tolerance_us());
+            }
+            None => {
+                invocation.arg(0).arg(0);
+            }
+        }
         for key in keys {
             invocation
                 .arg(key.limit.interval_us)
@@ -454,6 +542,35 @@ mod tests {
                 .with_lateness(Duration::from_millis(200))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn at_most_n_in_a_window_turns_the_slack_into_tolerance() {
+        let second = Duration::from_secs(1);
+        let slow = Limit::at_most(50, second, Duration::from_micros(20_200)).unwrap();
+        assert_eq!(
+            (slow.burst(), slow.lateness()),
+            (1, Duration::from_millis(10))
+        );
+        let fast = Limit::at_most(1_000, second, Duration::from_micros(1_010)).unwrap();
+        assert_eq!(fast.burst(), 10);
+        assert_eq!(fast.tolerance_us(), 10_000);
+        assert!(Limit::at_most(50, second, Duration::from_micros(19_999)).is_err());
+        assert!(Limit::at_most(0, second, second).is_err());
+        // The bound, for every n and a range of intervals: the first request and n more
+        // admitted as close as GCRA allows span at least the window.
+        for n in 1..=1_000u32 {
+            for slack_us in [0u64, 1, 7, 10_000, 250_000] {
+                let interval_us = (1_000_000 + slack_us).div_ceil(u64::from(n));
+                let limit = Limit::at_most(n, second, Duration::from_micros(interval_us)).unwrap();
+                assert!(limit.lateness_us < limit.interval_us, "n {n}");
+                let closest_n_plus_one = u64::from(n) * limit.interval_us - limit.tolerance_us();
+                assert!(
+                    closest_n_plus_one >= 1_000_000,
+                    "n {n}, slack {slack_us} µs"
+                );
+            }
+        }
     }
 
     #[test]

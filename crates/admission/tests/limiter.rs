@@ -605,3 +605,185 @@ async fn concurrent_reserving_callers_on_redis_time_keep_the_spacing() {
         "{admitted:?}"
     );
 }
+
+/// Callers that all want the number at `t`, each deferred to its reserved instant and coming
+/// back for its `visit`-th time (1 for the first return) `late_by(job, visit)` ms after the
+/// instant it was given; events are played in time order on explicit instants. Returns the
+/// instants each was admitted at, sorted.
+async fn late_reservations(
+    limiter: &RateLimiter,
+    key: &herald_admission::LimitKey,
+    cap: Option<&herald_admission::LimitKey>,
+    t: u64,
+    jobs: usize,
+    late_by: impl Fn(usize, u32) -> u64,
+) -> Vec<u64> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let keys = std::slice::from_ref(key);
+    let grace = Duration::from_millis(250);
+    let mut due: BinaryHeap<Reverse<(u64, usize, u32)>> =
+        (0..jobs).map(|job| Reverse((t, job, 0))).collect();
+    let mut admitted = Vec::new();
+    while let Some(Reverse((at, job, visit))) = due.pop() {
+        assert!(visit < 50, "job {job} keeps being deferred");
+        let id = format!("job{job}");
+        let answer = match cap {
+            Some(cap) => limiter
+                .admit_reserving_capped_at(keys, cap, &id, grace, at)
+                .await
+                .unwrap(),
+            None => limiter
+                .admit_reserving_at(keys, &id, grace, at)
+                .await
+                .unwrap(),
+        };
+        match answer {
+            Admission::Admitted => admitted.push(at),
+            Admission::WaitUntil(until) => {
+                due.push(Reverse((until + late_by(job, visit + 1), job, visit + 1)));
+            }
+        }
+    }
+    admitted.sort_unstable();
+    admitted
+}
+
+/// A quarter-second stall (jobs 20 to 31 come back 240 ms late, as a descheduled worker's
+/// would) on top of irregular lateness of up to 60 ms for everyone else, within the grace.
+fn stalled_worker(job: usize, visit: u32) -> u64 {
+    if visit == 0 {
+        0
+    } else if (20..32).contains(&job) && visit == 1 {
+        240
+    } else {
+        (job as u64 * 37 + u64::from(visit) * 11) % 61
+    }
+}
+
+#[tokio::test]
+async fn under_a_cap_late_reservations_never_bunch_the_admissions() {
+    let limiter = limiter().await;
+    // A number configured at 50 msg/s: slots paced 2 % under it (one every 20.4 ms), the cap
+    // at most 50 admissions in any second (one every 20.2 ms, 10 ms of tolerance).
+    let number = limiter
+        .key("whatsapp:number", Limit::per_second(50.0 / 1.02).unwrap())
+        .unwrap();
+    let cap = limiter
+        .key(
+            "whatsapp:number:admitted",
+            Limit::at_most(50, Duration::from_secs(1), Duration::from_micros(20_200)).unwrap(),
+        )
+        .unwrap();
+    let t = 1_900_000_000_000u64;
+    let admitted = late_reservations(&limiter, &number, Some(&cap), t, 200, stalled_worker).await;
+    assert_eq!(admitted.len(), 200, "every job admitted once");
+    assert!(max_in_any_window(&admitted, 1000) <= 50);
+    // 200 slots 20.4 ms apart end near 199 × 20.4 ms; the stall moves the end by about its
+    // length, as the cap spreads the stalled steps over the slots that follow.
+    let end = admitted[199] - t;
+    assert!(end <= 199 * 204 / 10 + 500, "ends at +{end} ms");
+
+    // The same callers without the cap: the late ones are honoured on top of the slots taken
+    // on time meanwhile, and one second holds more than 50.
+    let limiter = self::limiter().await;
+    let number = limiter
+        .key("whatsapp:number", Limit::per_second(50.0 / 1.02).unwrap())
+        .unwrap();
+    let uncapped = late_reservations(&limiter, &number, None, t, 200, stalled_worker).await;
+    assert_eq!(uncapped.len(), 200);
+    assert!(
+        max_in_any_window(&uncapped, 1000) > 50,
+        "{} in the busiest second",
+        max_in_any_window(&uncapped, 1000)
+    );
+}
+
+/// A fifth of a second's stall of 150 steps (two workers' worth, back 200 ms late), on top of
+/// up to 8 ms of lateness for everyone else.
+fn stalled_fast_steps(job: usize, visit: u32) -> u64 {
+    if visit == 1 && (1_000..1_150).contains(&job) {
+        200
+    } else {
+        (job as u64 * 7 + u64::from(visit)) % 9
+    }
+}
+
+#[tokio::test]
+async fn a_cap_bounds_a_fast_number_with_bursts() {
+    // 1,000 msg/s: slots 2 % under it with 10 ms of burst, the cap at most 1,000 in a second.
+    let number = |limiter: &RateLimiter| {
+        limiter
+            .key(
+                "whatsapp:fast",
+                Limit::per_second(1_000.0 / 1.02)
+                    .unwrap()
+                    .with_burst(10)
+                    .unwrap(),
+            )
+            .unwrap()
+    };
+    let limiter = limiter().await;
+    let cap = limiter
+        .key(
+            "whatsapp:fast:admitted",
+            Limit::at_most(1_000, Duration::from_secs(1), Duration::from_micros(1_010)).unwrap(),
+        )
+        .unwrap();
+    let t = 1_900_000_000_000u64;
+    let admitted = late_reservations(
+        &limiter,
+        &number(&limiter),
+        Some(&cap),
+        t,
+        2_500,
+        stalled_fast_steps,
+    )
+    .await;
+    assert_eq!(admitted.len(), 2_500);
+    assert!(max_in_any_window(&admitted, 1000) <= 1_000);
+    // 2,500 slots 1.02 ms apart end near 2.55 s. The stall costs time: the cap spreads the
+    // stalled steps over the slots that follow, and runs only 1 % faster than they come, so the
+    // end moves by about the stall (never more than half a second here). That is the price of
+    // never putting the stall's 150 on top of a full second.
+    let end = admitted[2_499] - t;
+    assert!(end <= 2_499 * 102 / 100 + 500, "ends at +{end} ms");
+
+    let limiter = self::limiter().await;
+    let uncapped = late_reservations(
+        &limiter,
+        &number(&limiter),
+        None,
+        t,
+        2_500,
+        stalled_fast_steps,
+    )
+    .await;
+    assert_eq!(uncapped.len(), 2_500);
+    assert!(
+        max_in_any_window(&uncapped, 1000) > 1_000,
+        "{} in the busiest second",
+        max_in_any_window(&uncapped, 1000)
+    );
+}
+
+#[tokio::test]
+async fn a_cap_is_never_one_of_the_limits() {
+    let limiter = limiter().await;
+    let key = limiter
+        .key("whatsapp:number", Limit::per_second(50.0).unwrap())
+        .unwrap();
+    let err = limiter
+        .admit_reserving_capped(
+            std::slice::from_ref(&key),
+            &key,
+            "job",
+            Duration::from_millis(10),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("both a limit and the cap"),
+        "{err}"
+    );
+}

@@ -4,6 +4,35 @@
 //!
 //! A send step is admitted by the fleet-wide rate limiter (per tenant and sender number, at the
 //! campaign's rate) and never sleeps: a refusal defers the job without spending an attempt.
+//!
+//! Pacing, so that a campaign goes out at its rate, about one run per step: the limiter paces
+//! [`RATE_MARGIN`] under the configured rate; the steps are scheduled one turn of that pace
+//! apart when the campaign starts, resumes or retries, so they reach the limiter about when
+//! their turn comes instead of all at once; and a step that must wait reserves a slot of its own
+//! ([`RateLimiter::admit_reserving_capped`]), so waiting steps never wake together and a late one
+//! never pushes the slots after it back.
+//!
+//! What bounds the rate, by construction. A reserved slot may be taken up to
+//! [`RESERVATION_GRACE`] late (a loaded fleet wakes late, and forfeiting would collapse the
+//! pace); a slot taken late lands among the slots taken on time meanwhile, so on the slots alone
+//! one second of admissions could hold the slots of 1.25 s. Every admission, on a reservation or
+//! not, therefore also passes the number's *cap* ([`rate_cap`]): a second limit counted on the
+//! instants steps are actually admitted (Redis's clock), which admits at most the configured rate
+//! in any one-second window. A late reservation the cap does not allow at that moment keeps its
+//! place and moves to the instant the cap names. The cap runs 1 % under the configured rate
+//! and the slots 2 %, so the cap catches up with late steps instead of slowing the campaign.
+//! What Meta sees in one second is then at most the configured rate plus the steps admitted
+//! before that second and not yet arrived (at most the send steps running at once across the
+//! fleet); Meta's tier is what must hold that, and its throttling answers are handled below.
+//!
+//! Concurrency (at most the campaign's `concurrency` sends between their attempt and Meta's
+//! answer) is counted in Redis with leased slots ([`Slots`], one per job, the campaign as the
+//! slot's user), taken after admission and before the attempt is recorded, and given back once
+//! the answer is recorded. A worker that dies holding one gives it back when its job is
+//! re-delivered (the slot is named by the job id) or, at worst, when the lease runs out. Postgres
+//! records each attempt in one statement, with no per-campaign lock, so concurrent attempts
+//! commit in parallel.
+//!
 //! It records the send as `attempting` (with its send id, see `herald_store::sends`) before it
 //! calls Meta and the message id after; a job re-delivered between the two marks the send
 //! `unknown` instead of sending again, and the status webhooks (which carry the send id in
@@ -12,10 +41,14 @@
 //!
 //! The handler is a thin wrapper over [`run_send`], which tests call directly.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apalis_core::task::data::Data;
-use herald_admission::{Admission, Connection, Limit, LimitKey, RateLimiter};
+use herald_admission::{
+    Admission, Connection, Limit, LimitKey, RateLimiter, SlotAdmission, SlotRequest, Slots,
+};
 use herald_connectors::whatsapp::{
     self as meta, Account, DEFAULT_API_URL, DEFAULT_TIMEOUT, TemplateMessage, Throttle,
     WhatsAppClient,
@@ -34,6 +67,63 @@ use crate::Deps;
 
 /// How long a send step waits when its campaign already has `concurrency` sends in flight.
 pub const BUSY_WAIT: Duration = Duration::from_millis(50);
+
+/// How far under the configured rate a campaign's slots are paced, by the limiter and by the
+/// schedule of its send steps alike. The number's cap ([`rate_cap`], [`CAP_MARGIN`]) runs
+/// half as far under it, so it has room to catch up with steps that took their slots late; the
+/// achieved rate is the slots' (49.0 msg/s at 50, 980 at 1,000).
+pub const RATE_MARGIN: f64 = 0.02;
+
+/// How far behind the step before it a send step may run and still go at once: the limiter's
+/// burst tolerance, in whole intervals (ten at 1,000 msg/s; none when the interval is longer,
+/// as at 50 msg/s, where a step that is a little late takes a reserved slot instead), so that
+/// the jitter of fast campaigns costs no extra runs.
+pub const PACING_TOLERANCE: Duration = Duration::from_millis(10);
+
+/// How late after its reserved slot a send step that had to wait may still take it. One that
+/// comes back later gives the slot up and reserves again behind everyone waiting, and its slot
+/// goes unused; when many steps are late at once (a loaded worker fleet, wake-ups behind a
+/// backlog) every give-up pushes the next reservations further out and the campaign slows to a
+/// crawl, so the grace is generous: a quarter of a second. The number's cap ([`rate_cap`])
+/// keeps late steps from bunching, so the grace costs nothing in the bound.
+pub const RESERVATION_GRACE: Duration = Duration::from_millis(250);
+
+/// How far under the configured rate the cap on admission instants runs: half of
+/// [`RATE_MARGIN`], so the cap is faster than the slots (it catches up with steps that took
+/// their slots late) and its slack, `CAP_MARGIN` × 1 s (10 ms), is a burst tolerance that still
+/// never admits more than the configured rate in one second.
+pub const CAP_MARGIN: f64 = RATE_MARGIN / 2.0;
+
+/// The lease of a campaign's concurrency slot: as long as an `attempting` send of a dead job
+/// used to count against the campaign (twice the job's timeout). A slot is given back long
+/// before that, when its step ends or its job is re-delivered.
+pub const CONCURRENCY_LEASE: Duration = Duration::from_secs(WhatsAppSend::TIMEOUT.as_secs() * 2);
+
+/// The limit a campaign configured at `rate_per_sec` is paced at: [`RATE_MARGIN`] under that
+/// rate, with [`PACING_TOLERANCE`].
+pub fn paced_limit(rate_per_sec: u32) -> Result<Limit, herald_admission::Error> {
+    let limit = Limit::per_second(f64::from(rate_per_sec.max(1)) / (1.0 + RATE_MARGIN))?;
+    let intervals = PACING_TOLERANCE.as_micros() / limit.interval().as_micros().max(1);
+    let burst = u32::try_from(intervals)
+        .unwrap_or(u32::MAX)
+        .min(1_000)
+        .saturating_add(1);
+    limit.with_burst(burst)
+}
+
+/// The cap on a number configured at `rate_per_sec`: at most `rate_per_sec` admissions in any
+/// one-second window, at one every `(1 + CAP_MARGIN) / rate_per_sec` seconds on average
+/// ([`Limit::at_most`]: the slack is the burst tolerance).
+pub fn rate_cap(rate_per_sec: u32) -> Result<Limit, herald_admission::Error> {
+    let rate = rate_per_sec.max(1);
+    let slack_us = (CAP_MARGIN * 1_000_000.0).round() as u64;
+    let interval_us = (1_000_000 + slack_us).div_ceil(u64::from(rate));
+    Limit::at_most(
+        rate,
+        Duration::from_secs(1),
+        Duration::from_micros(interval_us),
+    )
+}
 
 /// Send one campaign recipient its template message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,29 +172,51 @@ impl WhatsAppSettings {
     }
 }
 
+/// The most campaigns whose sender a worker remembers (forgotten all at once beyond it).
+const REMEMBERED_SENDERS: usize = 10_000;
+
 /// WhatsApp for the handlers: the client, the default API URL and the fleet-wide limiter.
 #[derive(Clone, Debug)]
 pub struct WhatsApp {
     client: WhatsAppClient,
     limiter: RateLimiter,
+    /// Campaigns' sends in flight.
+    slots: Slots,
     default_api_url: String,
-    /// An `attempting` send older than this no longer counts against the campaign's
-    /// concurrency: its job died and its re-delivery will mark it unknown.
-    stale: Duration,
+    /// The sender of each campaign this process has admitted a send step for, so that a step
+    /// coming back to its reserved slot takes it before reading Postgres.
+    senders: Arc<Mutex<HashMap<(TenantId, Uuid), Sender>>>,
+}
+
+/// A campaign's sender number, the limit its steps are admitted at and the cap on admissions.
+#[derive(Clone, Debug)]
+struct Sender {
+    key: LimitKey,
+    cap: LimitKey,
+    phone_number_id: String,
+    rate_per_sec: u32,
 }
 
 impl WhatsApp {
-    /// `limiter`'s hash tag should be [`WhatsAppSend::QUEUE`] (see [`WhatsApp::connect`]).
-    pub fn new(http: reqwest::Client, settings: &WhatsAppSettings, limiter: RateLimiter) -> Self {
+    /// `limiter`'s and `slots`' hash tag should be [`WhatsAppSend::QUEUE`] (see
+    /// [`WhatsApp::connect`]).
+    pub fn new(
+        http: reqwest::Client,
+        settings: &WhatsAppSettings,
+        limiter: RateLimiter,
+        slots: Slots,
+    ) -> Self {
         Self {
             client: WhatsAppClient::new(http, settings.timeout),
             limiter,
+            slots,
             default_api_url: settings.api_url.clone(),
-            stale: WhatsAppSend::TIMEOUT * 2,
+            senders: Arc::default(),
         }
     }
 
-    /// Connects the limiter to Redis (`REDIS_URL`) under the queues' `namespace`.
+    /// Connects the limiter and the concurrency slots to Redis (`REDIS_URL`) under the queues'
+    /// `namespace`.
     pub async fn connect(
         http: reqwest::Client,
         settings: &WhatsAppSettings,
@@ -112,8 +224,9 @@ impl WhatsApp {
         namespace: &str,
     ) -> Result<Self, herald_admission::Error> {
         let conn = Connection::connect(redis_url).await?;
-        let limiter = RateLimiter::new(conn, namespace, WhatsAppSend::QUEUE)?;
-        Ok(Self::new(http, settings, limiter))
+        let limiter = RateLimiter::new(conn.clone(), namespace, WhatsAppSend::QUEUE)?;
+        let slots = Slots::new(conn, namespace, WhatsAppSend::QUEUE)?;
+        Ok(Self::new(http, settings, limiter, slots))
     }
 
     /// Sends one template message from the tenant's account, outside any campaign (a
@@ -134,17 +247,132 @@ impl WhatsApp {
         self.client.send_template(&account, message).await
     }
 
-    /// The rate limit of one tenant's sender number at `rate_per_sec`.
-    fn sender_key(
+    /// The campaign's sender: the tenant's number, limited at `rate_per_sec` (paced under
+    /// it), remembered for the campaign.
+    fn sender(
         &self,
         tenant: TenantId,
+        campaign: Uuid,
         phone_number_id: &str,
         rate_per_sec: u32,
-    ) -> Result<LimitKey, herald_admission::Error> {
-        self.limiter.key(
-            &format!("whatsapp:{tenant}:{phone_number_id}"),
-            Limit::per_second(f64::from(rate_per_sec))?,
-        )
+    ) -> Result<Sender, herald_admission::Error> {
+        let name = format!("whatsapp:{tenant}:{phone_number_id}");
+        let sender = Sender {
+            key: self.limiter.key(&name, paced_limit(rate_per_sec)?)?,
+            cap: self
+                .limiter
+                .key(&format!("{name}:admitted"), rate_cap(rate_per_sec)?)?,
+            phone_number_id: phone_number_id.to_owned(),
+            rate_per_sec,
+        };
+        let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        if senders.len() >= REMEMBERED_SENDERS && !senders.contains_key(&(tenant, campaign)) {
+            senders.clear();
+        }
+        senders.insert((tenant, campaign), sender.clone());
+        Ok(sender)
+    }
+
+    /// The campaign's sender, if this process has admitted one of its steps before.
+    fn remembered_sender(&self, tenant: TenantId, campaign: Uuid) -> Option<Sender> {
+        let senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        senders.get(&(tenant, campaign)).cloned()
+    }
+
+    /// Admits a step under the number's cap, or reserves its slot and says when to come back.
+    async fn admit(&self, sender: &Sender, reservation: &str) -> Result<(), JobError> {
+        match self
+            .limiter
+            .admit_reserving_capped(
+                std::slice::from_ref(&sender.key),
+                &sender.cap,
+                reservation,
+                RESERVATION_GRACE,
+            )
+            .await
+        {
+            Ok(Admission::Admitted) => Ok(()),
+            Ok(Admission::WaitUntil(until_ms)) => Err(JobError::defer_until(
+                format!(
+                    "rate limit: WhatsApp number {} is at {} msg/s",
+                    sender.phone_number_id, sender.rate_per_sec
+                ),
+                until_ms,
+            )),
+            Err(e) => Err(JobError::retry(format!("rate limiter unavailable: {e}"))),
+        }
+    }
+
+    /// A step that comes back to the slot it reserved takes the slot first, before reading
+    /// anything from Postgres: whatever the step finds there afterwards, the slot was counted
+    /// when it was reserved, and a step that reads first reaches its slot late by as much (on a
+    /// loaded database, enough to bunch two sends closer than the rate allows). `Ok(true)`: the
+    /// slot is taken; `Ok(false)`: no reservation, or none this process can name.
+    async fn take_reserved_slot(
+        &self,
+        tenant: TenantId,
+        campaign: Uuid,
+        reservation: &str,
+    ) -> Result<bool, JobError> {
+        let Some(sender) = self.remembered_sender(tenant, campaign) else {
+            return Ok(false);
+        };
+        match self.limiter.reserved_slot(reservation).await {
+            Ok(Some(_)) => {
+                self.admit(&sender, reservation).await?;
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            // The ordinary path below asks again.
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Takes one of the campaign's `concurrency` slots for the job, or says when to try again.
+    /// A re-delivered job finds the slot its first delivery took (same id) and keeps it.
+    async fn take_concurrency_slot(
+        &self,
+        tenant: TenantId,
+        campaign: Uuid,
+        job_id: &str,
+        concurrency: u32,
+    ) -> Result<(), JobError> {
+        let tenant_name = tenant.to_string();
+        let campaign_name = campaign.to_string();
+        let request = SlotRequest {
+            tenant: &tenant_name,
+            user: &campaign_name,
+            slot: job_id,
+            user_limit: concurrency.max(1),
+            // The tenant's campaigns are limited one by one, not together.
+            tenant_limit: u32::MAX,
+            lease: CONCURRENCY_LEASE,
+            fleet_limit: None,
+            expected_turn: None,
+        };
+        match self.slots.acquire(&request).await {
+            Ok(SlotAdmission::Acquired { .. } | SlotAdmission::AlreadyHeld { .. }) => Ok(()),
+            Ok(_) => Err(JobError::defer_until(
+                format!("concurrency: campaign {campaign} has {concurrency} sends in flight"),
+                until(BUSY_WAIT),
+            )),
+            Err(e) => Err(JobError::retry(format!(
+                "concurrency slots unavailable: {e}"
+            ))),
+        }
+    }
+
+    /// Gives the job's concurrency slot back (nothing if it holds none). A failure is logged:
+    /// the slot then comes back when its lease runs out.
+    async fn release_concurrency_slot(&self, tenant: TenantId, campaign: Uuid, job_id: &str) {
+        if let Err(error) = self
+            .slots
+            .release(&tenant.to_string(), &campaign.to_string(), job_id)
+            .await
+        {
+            tracing::warn!(%tenant, %campaign, job = job_id, %error,
+                "giving a WhatsApp concurrency slot back failed; its lease will");
+        }
     }
 }
 
@@ -215,8 +443,9 @@ async fn settle(
 ///   between the attempt and its record, so the send becomes `unknown` (never sent again);
 ///   otherwise there is nothing to do;
 /// - the campaign is paused or stopped: the recipient stays pending (resuming writes new jobs);
-/// - the limiter refuses (tenant and sender number at the campaign's rate) or the campaign has
-///   `concurrency` sends in flight: deferred, no attempt spent;
+/// - the limiter refuses (tenant and sender number at the campaign's rate): the job's slot is
+///   reserved and the job deferred to it; or the campaign has `concurrency` sends in flight:
+///   deferred. No attempt is spent either way;
 /// - otherwise the send is recorded `attempting`, Meta is called, and the answer recorded:
 ///   accepted → `sent` with Meta's message id; throttled → attempt undone, the number held back
 ///   (130429, 429) and the job deferred; refused → `failed` with Meta's code; no answer →
@@ -230,16 +459,39 @@ pub async fn run_send(
     last_attempt: bool,
 ) -> Result<(), JobError> {
     let pool = &deps.pool;
+    // The job names its reservation: a deferred job comes back to its own slot, and a job
+    // re-delivered after a crash finds it too.
+    let reservation = format!("whatsapp_send:{job_id}");
+    let admitted = match deps.whatsapp.as_deref() {
+        Some(whatsapp) => {
+            whatsapp
+                .take_reserved_slot(tenant, job.campaign_id, &reservation)
+                .await?
+        }
+        None => false,
+    };
     let ctx = messages::send_context(pool, tenant, job.campaign_id, job.recipient_id)
         .await
         .map_err(store_error)?;
+    // A delivery that died may have held a concurrency slot (named by the job id): a
+    // re-delivery that ends here gives it back.
+    let release_dead_slot = || async {
+        if let Some(whatsapp) = deps.whatsapp.as_deref() {
+            whatsapp
+                .release_concurrency_slot(tenant, job.campaign_id, job_id)
+                .await;
+        }
+    };
     if let Some(send) = &ctx.send {
-        if send.status == SendStatus::Attempting && send.job_id == job_id {
-            sends::mark_unknown(pool, tenant, send.id)
-                .await
-                .map_err(store_error)?;
-            tracing::warn!(%tenant, campaign = %job.campaign_id, recipient = %job.recipient_id,
-                send = %send.id, "send step re-delivered after its attempt: marked unknown, not resent");
+        if send.job_id == job_id {
+            if send.status == SendStatus::Attempting {
+                sends::mark_unknown(pool, tenant, send.id)
+                    .await
+                    .map_err(store_error)?;
+                tracing::warn!(%tenant, campaign = %job.campaign_id, recipient = %job.recipient_id,
+                    send = %send.id, "send step re-delivered after its attempt: marked unknown, not resent");
+            }
+            release_dead_slot().await;
             complete_if_done(pool, tenant, job.campaign_id).await?;
         }
         return Ok(());
@@ -248,6 +500,7 @@ pub async fn run_send(
         ctx.campaign_status,
         CampaignStatus::Sending | CampaignStatus::Completed
     ) {
+        release_dead_slot().await;
         return Ok(());
     }
     let Some(settings) = ctx.settings.clone() else {
@@ -258,45 +511,80 @@ pub async fn run_send(
     let whatsapp = deps.whatsapp.as_deref().ok_or_else(|| {
         JobError::retry("WhatsApp is not configured on this worker (WHATSAPP_API_URL)")
     })?;
-    let key = whatsapp
-        .sender_key(tenant, &settings.phone_number_id, ctx.rate_per_sec)
+    let sender = whatsapp
+        .sender(
+            tenant,
+            job.campaign_id,
+            &settings.phone_number_id,
+            ctx.rate_per_sec,
+        )
         .map_err(|e| JobError::permanent(format!("rate limit: {e}")))?;
-    match whatsapp.limiter.admit(std::slice::from_ref(&key)).await {
-        Ok(Admission::Admitted) => {}
-        Ok(Admission::WaitUntil(until_ms)) => {
-            return Err(JobError::defer_until(
-                format!(
-                    "rate limit: WhatsApp number {} is at {} msg/s",
-                    settings.phone_number_id, ctx.rate_per_sec
-                ),
-                until_ms,
-            ));
-        }
-        Err(e) => return Err(JobError::retry(format!("rate limiter unavailable: {e}"))),
+    if !admitted {
+        whatsapp.admit(&sender, &reservation).await?;
     }
-    let send_id = match messages::begin_send(
+    whatsapp
+        .take_concurrency_slot(tenant, job.campaign_id, job_id, ctx.concurrency)
+        .await?;
+    let step = Step {
         pool,
+        whatsapp,
         tenant,
-        job.campaign_id,
-        job.recipient_id,
         job_id,
-        whatsapp.stale,
-    )
-    .await
-    .map_err(store_error)?
-    {
-        Begin::Started(send_id) => send_id,
-        Begin::Busy => {
-            return Err(JobError::defer_until(
-                format!(
-                    "concurrency: campaign {} has {} sends in flight",
-                    job.campaign_id, ctx.concurrency
-                ),
-                until(BUSY_WAIT),
-            ));
-        }
-        Begin::Taken | Begin::NotSending(_) => return Ok(()),
+        job,
+        last_attempt,
     };
+    let outcome = attempt(&step, &ctx, &settings, &sender).await;
+    whatsapp
+        .release_concurrency_slot(tenant, job.campaign_id, job_id)
+        .await;
+    match outcome? {
+        Attempted::Settled => complete_if_done(pool, tenant, job.campaign_id).await,
+        Attempted::Nothing => Ok(()),
+    }
+}
+
+/// What an attempt left to do.
+enum Attempted {
+    /// The recipient's send was settled (or left `unknown`): the campaign may be complete.
+    Settled,
+    /// Nothing was attempted: the recipient is taken or the campaign not sending.
+    Nothing,
+}
+
+/// The send step being run.
+struct Step<'a> {
+    pool: &'a PgPool,
+    whatsapp: &'a WhatsApp,
+    tenant: TenantId,
+    job_id: &'a str,
+    job: &'a WhatsAppSend,
+    last_attempt: bool,
+}
+
+/// The attempt proper, under the job's concurrency slot: record it, call Meta, record the
+/// answer.
+async fn attempt(
+    step: &Step<'_>,
+    ctx: &SendContext,
+    settings: &messages::WhatsAppSettings,
+    sender: &Sender,
+) -> Result<Attempted, JobError> {
+    let Step {
+        pool,
+        whatsapp,
+        tenant,
+        job_id,
+        job,
+        last_attempt,
+    } = *step;
+    let send_id =
+        match messages::begin_send(pool, tenant, job.campaign_id, job.recipient_id, job_id)
+            .await
+            .map_err(store_error)?
+        {
+            Begin::Started(send_id) => send_id,
+            Begin::Taken | Begin::NotSending(_) => return Ok(Attempted::Nothing),
+        };
     let account = Account {
         api_url: settings
             .api_url
@@ -305,7 +593,7 @@ pub async fn run_send(
         token: SecretString::from(settings.token.clone()),
         phone_number_id: settings.phone_number_id.clone(),
     };
-    let message = message_for(&ctx, send_id);
+    let message = message_for(ctx, send_id);
     let outcome = whatsapp.client.send_template(&account, &message).await;
     let undo = || async {
         messages::abandon_send(pool, tenant, job.recipient_id, send_id)
@@ -330,7 +618,7 @@ pub async fn run_send(
             undo().await?;
             let until_ms = until(wait);
             if kind != Throttle::Pair
-                && let Err(e) = whatsapp.limiter.hold(&key, until_ms).await
+                && let Err(e) = whatsapp.limiter.hold(&sender.key, until_ms).await
             {
                 tracing::warn!(error = %e, "holding a throttled WhatsApp number back failed");
             }
@@ -380,7 +668,7 @@ pub async fn run_send(
             return Err(JobError::retry(error.to_string()));
         }
     }
-    complete_if_done(pool, tenant, job.campaign_id).await
+    Ok(Attempted::Settled)
 }
 
 async fn complete_if_done(pool: &PgPool, tenant: TenantId, campaign: Uuid) -> Result<(), JobError> {
@@ -396,19 +684,44 @@ async fn complete_if_done(pool: &PgPool, tenant: TenantId, campaign: Uuid) -> Re
 // ---------------------------------------------------------------------------------------------
 // Campaign control: library calls for the API
 
+/// One send step per recipient, in order, one turn of [`paced_limit`] apart: the first runs at
+/// once (which also wakes an idle worker), the others when their turn comes, so they reach the
+/// limiter spread out rather than all together. A schedule is a hint, never a promise: the
+/// limiter decides, and a step that runs early waits for its slot.
 fn send_jobs(
     campaign: Uuid,
     recipients: &[Uuid],
+    rate_per_sec: u32,
 ) -> Result<Vec<NewOutboxJob>, herald_store::Error> {
+    let interval = paced_limit(rate_per_sec)
+        .map_err(|e| herald_store::Error::Invalid {
+            field: "rate_per_sec",
+            reason: e.to_string(),
+        })?
+        .interval();
+    let start = chrono::Utc::now();
     recipients
         .iter()
-        .map(|recipient_id| {
-            NewOutboxJob::for_payload(&WhatsAppSend {
+        .enumerate()
+        .map(|(turn, recipient_id)| {
+            let mut job = NewOutboxJob::for_payload(&WhatsAppSend {
                 campaign_id: campaign,
                 recipient_id: *recipient_id,
-            })
+            })?;
+            if turn > 0 {
+                let offset = interval.mul_f64(turn as f64);
+                job.run_at = chrono::Duration::from_std(offset)
+                    .ok()
+                    .and_then(|offset| start.checked_add_signed(offset));
+            }
+            Ok(job)
         })
         .collect()
+}
+
+/// The rate a campaign sends at (set when it started).
+fn rate_of(campaign: &Campaign) -> u32 {
+    campaign.rate_per_sec.unwrap_or(1)
 }
 
 /// Starts sending a draft campaign: status `sending` and one send step per recipient, in one
@@ -429,7 +742,7 @@ pub async fn start_sending(
     let mut tx = pool.begin().await?;
     let (campaign, recipients) =
         messages::start_sending(&mut tx, tenant, id, rate_per_sec, concurrency).await?;
-    outbox::insert_many(&mut tx, tenant, &send_jobs(id, &recipients)?).await?;
+    outbox::insert_many(&mut tx, tenant, &send_jobs(id, &recipients, rate_per_sec)?).await?;
     tx.commit().await?;
     Ok(campaign)
 }
@@ -445,7 +758,7 @@ pub async fn pause(
     Ok(campaign)
 }
 
-/// Resumes a paused campaign and writes a send step for each pending recipient.
+/// Resumes a paused campaign and writes a send step for each pending recipient, paced from now.
 pub async fn resume(
     pool: &PgPool,
     tenant: TenantId,
@@ -453,7 +766,12 @@ pub async fn resume(
 ) -> Result<Campaign, herald_store::Error> {
     let mut tx = pool.begin().await?;
     let (campaign, pending) = messages::resume(&mut tx, tenant, id).await?;
-    outbox::insert_many(&mut tx, tenant, &send_jobs(id, &pending)?).await?;
+    outbox::insert_many(
+        &mut tx,
+        tenant,
+        &send_jobs(id, &pending, rate_of(&campaign))?,
+    )
+    .await?;
     tx.commit().await?;
     Ok(campaign)
 }
@@ -478,7 +796,12 @@ pub async fn retry_failed(
 ) -> Result<(Campaign, usize), herald_store::Error> {
     let mut tx = pool.begin().await?;
     let (campaign, to_send) = messages::retry_failed(&mut tx, tenant, id).await?;
-    outbox::insert_many(&mut tx, tenant, &send_jobs(id, &to_send)?).await?;
+    outbox::insert_many(
+        &mut tx,
+        tenant,
+        &send_jobs(id, &to_send, rate_of(&campaign))?,
+    )
+    .await?;
     tx.commit().await?;
     Ok((campaign, to_send.len()))
 }
@@ -561,5 +884,50 @@ mod tests {
         assert_eq!(settings.api_url, "http://127.0.0.1:9");
         assert_eq!(status_of("delivered"), Some(SendStatus::Delivered));
         assert_eq!(status_of("deleted"), None);
+    }
+
+    #[test]
+    fn campaigns_are_paced_two_percent_under_their_rate() {
+        let slow = paced_limit(50).unwrap();
+        assert_eq!(slow.interval(), Duration::from_micros(20_400));
+        assert_eq!(
+            slow.burst(),
+            1,
+            "no tolerance when an interval is longer than 10 ms"
+        );
+        let fast = paced_limit(1_000).unwrap();
+        assert_eq!(fast.interval(), Duration::from_micros(1_020));
+        assert_eq!(fast.burst(), 10, "10 ms of tolerance in whole intervals");
+        assert_eq!(
+            paced_limit(0).unwrap().interval(),
+            Duration::from_micros(1_020_000)
+        );
+    }
+
+    #[test]
+    fn the_cap_admits_at_most_the_configured_rate_in_any_second_and_outpaces_the_slots() {
+        for rate in [1, 3, 7, 50, 80, 333, 999, 1_000] {
+            let cap = rate_cap(rate).unwrap();
+            let interval = cap.interval().as_micros() as u64;
+            let tolerance =
+                interval * u64::from(cap.burst() - 1) + cap.lateness().as_micros() as u64;
+            // rate + 1 admissions as close as the cap allows span a whole second.
+            assert!(
+                u64::from(rate) * interval - tolerance >= 1_000_000,
+                "rate {rate}"
+            );
+            // The cap is faster than the slots, so steps late for their slots catch up.
+            assert!(
+                cap.interval() < paced_limit(rate).unwrap().interval(),
+                "rate {rate}"
+            );
+        }
+        let slow = rate_cap(50).unwrap();
+        assert_eq!(slow.interval(), Duration::from_micros(20_200));
+        assert_eq!(
+            (slow.burst(), slow.lateness()),
+            (1, Duration::from_millis(10))
+        );
+        assert_eq!(rate_cap(1_000).unwrap().burst(), 10);
     }
 }

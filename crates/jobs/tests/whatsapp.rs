@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use herald_admission::{Connection, RateLimiter};
+use herald_admission::{Connection, RateLimiter, Slots};
 use herald_core::{JobError, JobPayload, TenantId, now_ms};
 use herald_fakes::meta::{self as fake, Fault, MetaFake, MetaFakeConfig, status_event};
 use herald_jobs::Deps;
@@ -27,11 +27,15 @@ async fn tenant(pool: &PgPool, name: &str) -> TenantId {
     tenants::create(pool, name, "UTC").await.unwrap().0.id
 }
 
-async fn limiter() -> RateLimiter {
+/// The rate limiter and the concurrency slots under a random namespace.
+async fn admission() -> (RateLimiter, Slots) {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let conn = Connection::connect(&url).await.expect("redis reachable");
     let namespace = format!("test-{}", Uuid::new_v4().simple());
-    RateLimiter::new(conn, &namespace, WhatsAppSend::QUEUE).unwrap()
+    (
+        RateLimiter::new(conn.clone(), &namespace, WhatsAppSend::QUEUE).unwrap(),
+        Slots::new(conn, &namespace, WhatsAppSend::QUEUE).unwrap(),
+    )
 }
 
 async fn deps(pool: &PgPool, fake: &MetaFake, timeout: Duration) -> Deps {
@@ -40,11 +44,9 @@ async fn deps(pool: &PgPool, fake: &MetaFake, timeout: Duration) -> Deps {
         timeout,
     };
     let http = reqwest::Client::new();
-    Deps::new(pool.clone(), http.clone(), false).with_whatsapp(WhatsApp::new(
-        http,
-        &settings,
-        limiter().await,
-    ))
+    let (limiter, slots) = admission().await;
+    Deps::new(pool.clone(), http.clone(), false)
+        .with_whatsapp(WhatsApp::new(http, &settings, limiter, slots))
 }
 
 async fn configure(pool: &PgPool, tenant: TenantId, token: &str) {
@@ -178,19 +180,28 @@ async fn status(pool: &PgPool, tenant: TenantId, campaign: Uuid) -> CampaignStat
         .status
 }
 
-/// The most messages the fake accepted in any one-second window, by its own clock.
-fn max_per_second(at_ms: &[u64]) -> usize {
+/// The most messages the fake accepted in any window of `window_ms`, by its own clock.
+fn max_in_window(at_ms: &[u64], window_ms: u64) -> usize {
     let mut sorted = at_ms.to_vec();
     sorted.sort_unstable();
     let mut best = 0;
     let mut start = 0;
     for end in 0..sorted.len() {
-        while sorted[end] - sorted[start] >= 1_000 {
+        while sorted[end] - sorted[start] >= window_ms {
             start += 1;
         }
         best = best.max(end - start + 1);
     }
     best
+}
+
+/// The most admissions the number's cap allows in a window of `window_ms`: `k` admissions span
+/// at least `(k − 1) × interval − tolerance`, which must be shorter than the window.
+fn cap_bound(rate_per_sec: u32, window_ms: u64) -> usize {
+    let cap = whatsapp::rate_cap(rate_per_sec).unwrap();
+    let interval_us = cap.interval().as_micros() as u64;
+    let tolerance_us = interval_us * u64::from(cap.burst() - 1) + cap.lateness().as_micros() as u64;
+    ((window_ms * 1_000 + tolerance_us - 1) / interval_us + 1) as usize
 }
 
 fn per_recipient(fake: &MetaFake) -> HashMap<String, usize> {
@@ -203,8 +214,17 @@ fn per_recipient(fake: &MetaFake) -> HashMap<String, usize> {
 
 #[sqlx::test(migrator = "herald_store::MIGRATOR")]
 async fn every_recipient_is_messaged_once_at_no_more_than_the_configured_rate(pool: PgPool) {
+    const RATE: u32 = 50;
+    // Send steps running at once: the most that can be between admission and Meta.
+    const PARALLEL: usize = 16;
+    // What Meta may see in one second: the cap's RATE admissions plus the steps admitted
+    // before that second and still on their way. The fake's tier is set there, so one message
+    // more in any second is a 130429 the test counts.
+    let tier = RATE as usize + PARALLEL;
+    assert_eq!(cap_bound(RATE, 1_000), RATE as usize);
     let fake = fake::spawn(MetaFakeConfig {
         tokens: vec![TOKEN.into()],
+        per_number_mps: tier as u32,
         ..MetaFakeConfig::default()
     })
     .await
@@ -213,19 +233,26 @@ async fn every_recipient_is_messaged_once_at_no_more_than_the_configured_rate(po
     let tenant = tenant(&pool, "acme").await;
     configure(&pool, tenant, TOKEN).await;
     let id = campaign(&pool, tenant, 150).await;
-    whatsapp::start_sending(&pool, tenant, id, 50, 10)
+    whatsapp::start_sending(&pool, tenant, id, RATE, 10)
         .await
         .unwrap();
 
-    let (deferred, retried) = drain(&deps, tenant, 16).await;
+    let (deferred, retried) = drain(&deps, tenant, PARALLEL).await;
 
     let messages = fake.messages();
     assert_eq!(messages.len(), 150);
     assert!(per_recipient(&fake).values().all(|n| *n == 1));
     let at: Vec<u64> = messages.iter().map(|m| m.at_ms).collect();
-    let busiest = max_per_second(&at);
-    // Evenly spaced at 50/s, a one-second window holds 50 sends, 51 when both ends land in it.
-    assert!(busiest <= 51, "{busiest} sends in one second at 50/s");
+    // The bound holds for any window: in two seconds at most 100 admissions (plus those on
+    // their way), so 150 sends take more than two seconds however the machine schedules them.
+    for window_ms in [1_000, 2_000] {
+        let busiest = max_in_window(&at, window_ms);
+        let bound = cap_bound(RATE, window_ms) + PARALLEL;
+        assert!(
+            busiest <= bound,
+            "{busiest} sends in {window_ms} ms at {RATE}/s (bound {bound})"
+        );
+    }
     assert!(deferred > 0, "150 sends at 50/s must have been paced");
     assert_eq!(retried, 0);
     assert_eq!(fake.stats().throttled(), 0);
@@ -325,16 +352,11 @@ async fn a_crash_between_attempt_and_record_leaves_unknown_until_a_webhook_settl
     // the attempt is recorded and the message goes out, then nothing.
     let (job1_id, job1) = &jobs[0];
     let job1_key = job1_id.simple().to_string();
-    let messages::Begin::Started(send_id) = messages::begin_send(
-        &pool,
-        tenant,
-        id,
-        job1.recipient_id,
-        &job1_key,
-        Duration::from_secs(120),
-    )
-    .await
-    .unwrap() else {
+    let messages::Begin::Started(send_id) =
+        messages::begin_send(&pool, tenant, id, job1.recipient_id, &job1_key)
+            .await
+            .unwrap()
+    else {
         panic!("the attempt must begin")
     };
     let client = herald_connectors::whatsapp::WhatsAppClient::new(
@@ -514,4 +536,51 @@ async fn refused_sends_fail_and_retry_failed_sends_them_again(pool: PgPool) {
     assert_eq!(status(&pool, tenant, id).await, CampaignStatus::Completed);
     // Stopping a completed campaign is refused; a stopped one never sends.
     assert!(whatsapp::stop(&pool, tenant, id).await.is_err());
+}
+
+#[sqlx::test(migrator = "herald_store::MIGRATOR")]
+async fn a_campaign_never_has_more_sends_in_flight_than_its_concurrency(pool: PgPool) {
+    const CONCURRENCY: u32 = 3;
+    let fake = fake::spawn(MetaFakeConfig {
+        tokens: vec![TOKEN.into()],
+        ..MetaFakeConfig::default()
+    })
+    .await
+    .unwrap();
+    let deps = deps(&pool, &fake, Duration::from_secs(10)).await;
+    let tenant = tenant(&pool, "acme").await;
+    configure(&pool, tenant, TOKEN).await;
+    let id = campaign(&pool, tenant, 30).await;
+    whatsapp::start_sending(&pool, tenant, id, 1_000, CONCURRENCY)
+        .await
+        .unwrap();
+    // Meta takes each message and keeps its answer: every send that reaches it stays in flight.
+    fake.state().hold_answers();
+    let drained = {
+        let deps = deps.clone();
+        tokio::spawn(async move { drain(&deps, tenant, 12).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fake.state().held_answers() < CONCURRENCY as usize {
+        assert!(std::time::Instant::now() < deadline, "no send reached Meta");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Twelve steps keep asking (each refused one comes back every 50 ms) while three hold
+    // their slots: none more goes out.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fake.state().held_answers(), CONCURRENCY as usize);
+    assert_eq!(fake.messages().len(), CONCURRENCY as usize);
+    assert_eq!(
+        stats(&pool, tenant, id).await.attempting,
+        i64::from(CONCURRENCY)
+    );
+
+    fake.state().release_answers();
+    let (_, retried) = drained.await.unwrap();
+    assert_eq!(retried, 0);
+    assert_eq!(fake.messages().len(), 30);
+    assert!(per_recipient(&fake).values().all(|n| *n == 1));
+    let s = stats(&pool, tenant, id).await;
+    assert_eq!((s.sent, s.attempting, s.pending), (30, 0, 0), "{s:?}");
+    assert_eq!(status(&pool, tenant, id).await, CampaignStatus::Completed);
 }

@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use herald_core::TenantId;
@@ -1292,8 +1291,6 @@ pub async fn send_context(
 pub enum Begin {
     /// The send is recorded as attempting: call the provider with this send id.
     Started(Uuid),
-    /// The campaign already has `concurrency` sends in flight.
-    Busy,
     /// The recipient already has a send (another job began it).
     Taken,
     /// The campaign is not sending (paused, stopped).
@@ -1301,61 +1298,54 @@ pub enum Begin {
 }
 
 /// Records a send for the recipient as `attempting` by `job_id`, unless the campaign is not
-/// sending, already has `concurrency` sends in flight (sends older than `stale` do not count:
-/// their job died), or the recipient already has a send. Checks and writes are serialised per
-/// campaign by a transaction-scoped advisory lock.
+/// sending or the recipient already has a send. One statement that locks nothing but the
+/// recipient's row: two jobs for one recipient serialise on it and the second finds it taken
+/// (its send is never written), while the attempts of different recipients commit side by side
+/// (sharing WAL flushes). The campaign's concurrency is the caller's to count (the send step
+/// holds a slot in Redis around this call and the provider's answer).
 pub async fn begin_send(
     pool: &PgPool,
     tenant: TenantId,
     campaign_id: Uuid,
     recipient_id: Uuid,
     job_id: &str,
-    stale: Duration,
 ) -> Result<Begin, Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(format!("message-campaign:{tenant}:{campaign_id}"))
-        .execute(&mut *tx)
-        .await?;
-    let current = campaign(&mut tx, tenant, campaign_id, false).await?;
-    if !matches!(
-        current.status,
-        CampaignStatus::Sending | CampaignStatus::Completed
-    ) {
-        return Ok(Begin::NotSending(current.status));
-    }
-    let concurrency = i64::from(current.concurrency.unwrap_or(1));
-    let in_flight: i64 = sqlx::query_scalar(
-        "select count(*) from sends s
-         join message_recipients r on r.tenant_id = s.tenant_id and r.send_id = s.id
-         where s.tenant_id = $1 and s.status = 'attempting' and r.campaign_id = $2
-           and s.created_at > now() - make_interval(secs => $3)",
-    )
-    .bind(tenant.0)
-    .bind(campaign_id)
-    .bind(stale.as_secs_f64())
-    .fetch_one(&mut *tx)
-    .await?;
-    if in_flight >= concurrency {
-        return Ok(Begin::Busy);
-    }
-    let send_id = sends::begin(&mut tx, tenant, CHANNEL, job_id).await?;
-    let claimed = sqlx::query(
-        "update message_recipients set send_id = $4
-         where tenant_id = $1 and campaign_id = $2 and id = $3 and send_id is null",
+    let send_id = Uuid::now_v7();
+    let (status, recorded): (Option<String>, i64) = sqlx::query_as(
+        "with campaign as (
+             select status from message_campaigns where tenant_id = $1 and id = $2
+         ), claimed as (
+             update message_recipients set send_id = $4
+             where tenant_id = $1 and campaign_id = $2 and id = $3 and send_id is null
+               and exists (select 1 from campaign where status in ('sending', 'completed'))
+             returning id
+         ), recorded as (
+             insert into sends (tenant_id, id, channel, job_id)
+             select $1, $4, $5, $6 from claimed
+             returning id
+         )
+         select (select status from campaign), (select count(*) from recorded)",
     )
     .bind(tenant.0)
     .bind(campaign_id)
     .bind(recipient_id)
     .bind(send_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if claimed == 0 {
-        return Ok(Begin::Taken);
+    .bind(CHANNEL)
+    .bind(job_id)
+    .fetch_one(pool)
+    .await
+    .map_err(crate::error::tenant_must_exist)?;
+    let status: CampaignStatus = status
+        .ok_or_else(|| Error::not_found(format!("message campaign {campaign_id}")))?
+        .parse()?;
+    if !matches!(status, CampaignStatus::Sending | CampaignStatus::Completed) {
+        return Ok(Begin::NotSending(status));
     }
-    tx.commit().await?;
-    Ok(Begin::Started(send_id))
+    Ok(if recorded == 1 {
+        Begin::Started(send_id)
+    } else {
+        Begin::Taken
+    })
 }
 
 /// Undoes a send the provider certainly did not act on: the send is deleted and the recipient
