@@ -236,15 +236,21 @@ impl WhatsApp {
         settings: &messages::WhatsAppSettings,
         message: &TemplateMessage,
     ) -> Result<String, meta::Error> {
-        let account = Account {
+        self.client
+            .send_template(&self.account(settings), message)
+            .await
+    }
+
+    /// The tenant's Meta account: its settings, with this worker's API URL when they name none.
+    fn account(&self, settings: &messages::WhatsAppSettings) -> Account {
+        Account {
             api_url: settings
                 .api_url
                 .clone()
                 .unwrap_or_else(|| self.default_api_url.clone()),
             token: SecretString::from(settings.token.clone()),
             phone_number_id: settings.phone_number_id.clone(),
-        };
-        self.client.send_template(&account, message).await
+        }
     }
 
     /// The campaign's sender: the tenant's number, limited at `rate_per_sec` (paced under
@@ -585,16 +591,11 @@ async fn attempt(
             Begin::Started(send_id) => send_id,
             Begin::Taken | Begin::NotSending(_) => return Ok(Attempted::Nothing),
         };
-    let account = Account {
-        api_url: settings
-            .api_url
-            .clone()
-            .unwrap_or_else(|| whatsapp.default_api_url.clone()),
-        token: SecretString::from(settings.token.clone()),
-        phone_number_id: settings.phone_number_id.clone(),
-    };
     let message = message_for(ctx, send_id);
-    let outcome = whatsapp.client.send_template(&account, &message).await;
+    let outcome = whatsapp
+        .client
+        .send_template(&whatsapp.account(settings), &message)
+        .await;
     let undo = || async {
         messages::abandon_send(pool, tenant, job.recipient_id, send_id)
             .await
@@ -628,18 +629,7 @@ async fn attempt(
             ));
         }
         Err(error @ (meta::Error::Rejected { .. } | meta::Error::Unauthorized { .. })) => {
-            settle(
-                pool,
-                tenant,
-                send_id,
-                SendStatus::Failed,
-                StatusChange {
-                    error_code: error.code(),
-                    error: Some(error.to_string()),
-                    ..StatusChange::default()
-                },
-            )
-            .await?;
+            settle(pool, tenant, send_id, SendStatus::Failed, failure(&error)).await?;
         }
         Err(error @ meta::Error::Ambiguous(_)) => {
             sends::mark_unknown(pool, tenant, send_id)
@@ -649,18 +639,7 @@ async fn attempt(
         }
         Err(error @ (meta::Error::NotSent(_) | meta::Error::Server { .. })) => {
             if last_attempt {
-                settle(
-                    pool,
-                    tenant,
-                    send_id,
-                    SendStatus::Failed,
-                    StatusChange {
-                        error_code: error.code(),
-                        error: Some(error.to_string()),
-                        ..StatusChange::default()
-                    },
-                )
-                .await?;
+                settle(pool, tenant, send_id, SendStatus::Failed, failure(&error)).await?;
                 complete_if_done(pool, tenant, job.campaign_id).await?;
             } else {
                 undo().await?;
@@ -669,6 +648,15 @@ async fn attempt(
         }
     }
     Ok(Attempted::Settled)
+}
+
+/// A failed send's record: Meta's error code and message.
+fn failure(error: &meta::Error) -> StatusChange {
+    StatusChange {
+        error_code: error.code(),
+        error: Some(error.to_string()),
+        ..StatusChange::default()
+    }
 }
 
 async fn complete_if_done(pool: &PgPool, tenant: TenantId, campaign: Uuid) -> Result<(), JobError> {
