@@ -20,6 +20,11 @@ pub trait JobPayload: Serialize + DeserializeOwned + Send + Sync + 'static {
     const MAX_ATTEMPTS: u32 = 5;
     /// How long one run may take before it is cancelled and counted as a failed attempt.
     const TIMEOUT: Duration = Duration::from_secs(60);
+    /// Whether a job must start when it is due, not merely soon after: a deferred send step
+    /// comes back to a rate-limit slot reserved for it, which it loses if it starts too late.
+    /// A worker never fetches such a queue's jobs ahead of a free handler (no prefetch): one
+    /// fetched ahead waits in the worker's buffer behind the others, however due it was.
+    const PUNCTUAL: bool = false;
 }
 
 /// Scheduling priority inside a queue: every `High` job ready to run is handed out before any

@@ -8,6 +8,7 @@ local now = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local out = {}
 local woken = 0
+local delayed = false
 for i = 0, n - 1 do
   local base = 4 + i * 9
   local id, tenant, payload, pv, m, band, run_at, key =
@@ -33,6 +34,7 @@ for i = 0, n - 1 do
       redis.call('ZADD', K_DELAYED, run_at, id)
       redis.call('HSET', jk, 's', 'd', 'sc', 0)
       tc_move(tenant, nil, 'd')
+      delayed = true
     else
       make_ready(id, jk, new_score(band))
       tc_move(tenant, nil, 'r')
@@ -42,6 +44,9 @@ for i = 0, n - 1 do
     out[#out + 1] = 0
   end
 end
+-- A delayed job wakes one idle worker too, so that it learns the new due time now instead of
+-- at its next idle check (up to a second late).
+if delayed and woken == 0 then woken = 1 end
 notify(woken)
 tc_flush()
 return out

@@ -225,8 +225,13 @@ pub struct RedisBackend<Args> {
 impl<Args: JobPayload> RedisBackend<Args> {
     /// Starts the driver for `queue` (must be called inside a tokio runtime). Fetching begins
     /// at once; fetched jobs wait in the backend until the worker polls them, their leases
-    /// renewed meanwhile.
-    pub fn new(queue: Queue, options: WorkerOptions) -> Self {
+    /// renewed meanwhile. A punctual job type ([`JobPayload::PUNCTUAL`]) is never fetched
+    /// ahead of a free handler, whatever `options` say about prefetching.
+    pub fn new(queue: Queue, mut options: WorkerOptions) -> Self {
+        if Args::PUNCTUAL {
+            options.prefetch = 0;
+            options.adaptive_prefetch = false;
+        }
         let (tasks_tx, tasks) = mpsc::unbounded_channel();
         let tasks: Buffer<Args> = Arc::new(Mutex::new(tasks));
         let (driver_tx, driver_rx) = mpsc::unbounded_channel();

@@ -611,3 +611,122 @@ async fn a_periodic_job_is_enqueued_once_per_period_whatever_the_number_of_sched
     assert_eq!(counts.ready + counts.delayed, 2, "{counts:?}");
     assert!(Periodic::new("bad", "not cron", q.clone(), job(t, 1, "ok")).is_err());
 }
+
+/// A job type that must start when due ([`JobPayload::PUNCTUAL`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OnTime {
+    n: u32,
+}
+
+impl JobPayload for OnTime {
+    const QUEUE: &'static str = "on_time";
+    const PUNCTUAL: bool = true;
+}
+
+async fn hold_on_time(_job: OnTime, seen: Data<Arc<Seen>>) -> Result<(), JobError> {
+    seen.runs.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(())
+}
+
+/// The most jobs `q` had leased at once (running or fetched ahead) while `until` held false.
+async fn peak_leased<F: Fn() -> bool>(q: &Queue, until: F) -> u64 {
+    let start = Instant::now();
+    let mut peak = 0;
+    while !until() {
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out");
+        peak = peak.max(q.counts(None).await.unwrap().running);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    peak
+}
+
+#[tokio::test]
+async fn punctual_jobs_are_never_fetched_ahead_of_a_free_handler() {
+    let client = client().await;
+    let t = TenantId::new();
+    let mut opts = options();
+    opts.concurrency = 2;
+    opts.prefetch = 4;
+
+    // An ordinary job type fetches ahead: more leased than running.
+    let q = client.queue(&"work".parse().unwrap());
+    q.enqueue_batch((0..8).map(|n| job(t, n, "hold")).collect())
+        .await
+        .unwrap();
+    let seen = Arc::new(Seen::default());
+    let w = spawn_worker(&q, opts.clone(), seen.clone());
+    let ahead = peak_leased(&q, || seen.runs.load(Ordering::SeqCst) >= 8).await;
+    w.stop().await;
+    assert!(ahead > 2, "an ordinary queue fetched only {ahead} at once");
+
+    // A punctual one, with the same options, leases no more than it runs.
+    let q = client.queue(&"on_time".parse().unwrap());
+    let jobs = (0..8)
+        .map(|n| NewJob::of(t, &OnTime { n }).unwrap())
+        .collect();
+    q.enqueue_batch(jobs).await.unwrap();
+    let seen = Arc::new(Seen::default());
+    let worker = WorkerBuilder::new(format!("w-{}", uuid::Uuid::new_v4()))
+        .backend(RedisBackend::<OnTime>::new(q.clone(), opts))
+        .data(seen.clone())
+        .build(hold_on_time);
+    let (tx, rx) = oneshot::channel::<()>();
+    let done = tokio::spawn(async move {
+        worker
+            .run_until(async move {
+                let _ = rx.await;
+                Ok::<(), std::io::Error>(())
+            })
+            .await
+            .expect("worker ran");
+    });
+    let peak = peak_leased(&q, || seen.runs.load(Ordering::SeqCst) >= 8).await;
+    let _ = tx.send(());
+    done.await.unwrap();
+    assert!(
+        peak <= 2,
+        "{peak} punctual jobs leased at once by two handlers"
+    );
+}
+
+#[tokio::test]
+async fn a_delayed_job_wakes_an_idle_worker_to_learn_its_due_time() {
+    let namespace = format!("test-{}", uuid::Uuid::new_v4().simple());
+    let settings = QueueSettings {
+        namespace: namespace.clone(),
+        ..QueueSettings::default()
+    };
+    let client = Client::connect(RedisTarget::parse(&redis_url()).unwrap(), settings)
+        .await
+        .unwrap();
+    let q = client.queue(&"work".parse().unwrap());
+    let t = TenantId::new();
+    let notify = format!(
+        "{namespace}:{}:{{work}}:notify",
+        herald_queue::LAYOUT_VERSION
+    );
+    let mut redis = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let tokens = |redis: &mut redis::aio::MultiplexedConnection| {
+        let mut redis = redis.clone();
+        let notify = notify.clone();
+        async move {
+            redis::cmd("LLEN")
+                .arg(&notify)
+                .query_async::<i64>(&mut redis)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(tokens(&mut redis).await, 0);
+    q.enqueue(job(t, 1, "ok").delay(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    // An idle worker blocks on this list and otherwise looks again only at its idle check: it
+    // learns of the job's due time at once instead of up to a second late.
+    assert_eq!(tokens(&mut redis).await, 1);
+}

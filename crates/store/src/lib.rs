@@ -13,6 +13,8 @@ pub mod idempotency;
 pub mod messages;
 pub mod ops_tokens;
 pub mod outbox;
+#[cfg(test)]
+mod plans;
 pub mod probe;
 pub mod profiles;
 pub mod sends;

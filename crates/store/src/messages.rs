@@ -1233,45 +1233,99 @@ pub struct SendContext {
 
 #[derive(sqlx::FromRow)]
 struct ContextRecord {
+    campaign_id: Uuid,
     campaign_status: String,
     rate_per_sec: Option<i32>,
     concurrency: Option<i32>,
     phone: String,
     params: Value,
+    #[sqlx(flatten)]
+    template: TemplateRecord,
     send_id: Option<Uuid>,
-    template_id: Uuid,
+    send_channel: Option<String>,
+    send_job_id: Option<String>,
+    send_status: Option<String>,
+    send_provider_message_id: Option<String>,
+    send_error_code: Option<String>,
+    send_error: Option<String>,
+    settings_api_url: Option<String>,
+    settings_token: Option<String>,
+    settings_phone_number_id: Option<String>,
+    settings_app_secret: Option<String>,
+    settings_verify_token: Option<String>,
 }
 
-/// The send step's view of a recipient of the tenant's campaign.
+/// [`send_context`]'s statement: $1 tenant, $2 recipient.
+const SEND_CONTEXT: &str = "select r.campaign_id, c.status as campaign_status, c.rate_per_sec, c.concurrency, r.phone, r.params,
+                t.id, t.name, t.language, t.components, t.header_params, t.body_params,
+                t.button_url_params, t.created_at,
+                s.id as send_id, s.channel as send_channel, s.job_id as send_job_id,
+                s.status as send_status, s.provider_message_id as send_provider_message_id,
+                s.error_code as send_error_code, s.error as send_error,
+                w.api_url as settings_api_url, w.token as settings_token,
+                w.phone_number_id as settings_phone_number_id,
+                w.app_secret as settings_app_secret, w.verify_token as settings_verify_token
+         from message_recipients r
+         join message_campaigns c on c.tenant_id = r.tenant_id and c.id = r.campaign_id
+         join message_templates t on t.tenant_id = c.tenant_id and t.id = c.template_id
+         left join sends s on s.tenant_id = r.tenant_id and s.id = r.send_id
+         left join whatsapp_settings w on w.tenant_id = r.tenant_id
+         where r.tenant_id = $1 and r.id = $2";
+
+/// The send step's view of a recipient of the tenant's campaign, in one query (a send step
+/// reads it on every run, up to a thousand times a second per number).
+///
+/// The recipient is found by its primary key alone and its campaign compared afterwards: with
+/// the campaign in the condition too, a plan made while the table's statistics predated the
+/// campaign's rows walks the campaign's (tenant, campaign, phone) index and filters every
+/// recipient for the one id (0.75 ms per read at 4,000 recipients, growing with the campaign).
 pub async fn send_context(
     pool: &PgPool,
     tenant: TenantId,
     campaign_id: Uuid,
     recipient_id: Uuid,
 ) -> Result<SendContext, Error> {
-    let record: ContextRecord = sqlx::query_as(
-        "select c.status as campaign_status, c.rate_per_sec, c.concurrency, r.phone, r.params,
-                r.send_id, c.template_id
-         from message_recipients r
-         join message_campaigns c on c.tenant_id = r.tenant_id and c.id = r.campaign_id
-         where r.tenant_id = $1 and r.campaign_id = $2 and r.id = $3",
-    )
-    .bind(tenant.0)
-    .bind(campaign_id)
-    .bind(recipient_id)
-    .fetch_optional(pool)
-    .await?
-    .ok_or_else(|| Error::not_found(format!("recipient {recipient_id}")))?;
-    let template = template(pool, tenant, record.template_id).await?;
-    let send = match record.send_id {
-        Some(id) => sends::get(pool, tenant, id).await?,
-        None => None,
-    };
+    let record: ContextRecord = sqlx::query_as(SEND_CONTEXT)
+        .bind(tenant.0)
+        .bind(recipient_id)
+        .fetch_optional(pool)
+        .await?
+        .filter(|record: &ContextRecord| record.campaign_id == campaign_id)
+        .ok_or_else(|| Error::not_found(format!("recipient {recipient_id}")))?;
     let params: Vec<String> =
         serde_json::from_value(record.params).map_err(|e| Error::Corrupt {
             what: "message recipient",
             reason: format!("params: {e}"),
         })?;
+    let send = match (record.send_id, record.send_status) {
+        (Some(id), Some(status)) => Some(sends::Send::try_from(sends::SendRecord {
+            id,
+            channel: record.send_channel.unwrap_or_default(),
+            job_id: record.send_job_id.unwrap_or_default(),
+            status,
+            provider_message_id: record.send_provider_message_id,
+            error_code: record.send_error_code,
+            error: record.send_error,
+        })?),
+        _ => None,
+    };
+    let settings = match (
+        record.settings_token,
+        record.settings_phone_number_id,
+        record.settings_app_secret,
+        record.settings_verify_token,
+    ) {
+        (Some(token), Some(phone_number_id), Some(app_secret), Some(verify_token)) => {
+            Some(WhatsAppSettings {
+                api_url: record.settings_api_url,
+                token,
+                phone_number_id,
+                app_secret,
+                verify_token,
+            })
+        }
+        _ => None,
+    };
     Ok(SendContext {
         campaign_id,
         campaign_status: record.campaign_status.parse()?,
@@ -1280,9 +1334,9 @@ pub async fn send_context(
         recipient_id,
         phone: record.phone,
         params,
-        template,
+        template: record.template.into(),
         send,
-        settings: settings(pool, tenant).await?,
+        settings,
     })
 }
 
@@ -1297,12 +1351,38 @@ pub enum Begin {
     NotSending(CampaignStatus),
 }
 
+/// [`begin_send`]'s statement: $1 tenant, $2 campaign, $3 recipient, $4 the new send id,
+/// $5 channel, $6 job id.
+const BEGIN_SEND: &str = "with campaign as (
+             select c.status from message_campaigns c
+             where c.tenant_id = $1 and c.id = $2
+               and c.id = (select campaign_id from message_recipients
+                           where tenant_id = $1 and id = $3)
+         ), claimed as (
+             update message_recipients set send_id = $4
+             where tenant_id = $1 and id = $3 and coalesce(send_id, $4) = $4
+               and exists (select 1 from campaign where status in ('sending', 'completed'))
+             returning id
+         ), recorded as (
+             insert into sends (tenant_id, id, channel, job_id)
+             select $1, $4, $5, $6 from claimed
+             returning id
+         )
+         select (select status from campaign), (select count(*) from recorded)";
+
 /// Records a send for the recipient as `attempting` by `job_id`, unless the campaign is not
 /// sending or the recipient already has a send. One statement that locks nothing but the
 /// recipient's row: two jobs for one recipient serialise on it and the second finds it taken
 /// (its send is never written), while the attempts of different recipients commit side by side
 /// (sharing WAL flushes). The campaign's concurrency is the caller's to count (the send step
 /// holds a slot in Redis around this call and the provider's answer).
+///
+/// The recipient is found by its primary key, its campaign compared by the `campaign` part,
+/// and "no send yet" is written `coalesce(send_id, $4) = $4` ($4 is a new id, never stored):
+/// written `campaign_id = $2 and send_id is null`, the update matches the partial index over
+/// the campaign's pending recipients, and a plan made while that index was small walks every
+/// pending recipient for the one id (0.47 ms per send at 4,000 recipients, growing with the
+/// campaign).
 pub async fn begin_send(
     pool: &PgPool,
     tenant: TenantId,
@@ -1311,30 +1391,16 @@ pub async fn begin_send(
     job_id: &str,
 ) -> Result<Begin, Error> {
     let send_id = Uuid::now_v7();
-    let (status, recorded): (Option<String>, i64) = sqlx::query_as(
-        "with campaign as (
-             select status from message_campaigns where tenant_id = $1 and id = $2
-         ), claimed as (
-             update message_recipients set send_id = $4
-             where tenant_id = $1 and campaign_id = $2 and id = $3 and send_id is null
-               and exists (select 1 from campaign where status in ('sending', 'completed'))
-             returning id
-         ), recorded as (
-             insert into sends (tenant_id, id, channel, job_id)
-             select $1, $4, $5, $6 from claimed
-             returning id
-         )
-         select (select status from campaign), (select count(*) from recorded)",
-    )
-    .bind(tenant.0)
-    .bind(campaign_id)
-    .bind(recipient_id)
-    .bind(send_id)
-    .bind(CHANNEL)
-    .bind(job_id)
-    .fetch_one(pool)
-    .await
-    .map_err(crate::error::tenant_must_exist)?;
+    let (status, recorded): (Option<String>, i64) = sqlx::query_as(BEGIN_SEND)
+        .bind(tenant.0)
+        .bind(campaign_id)
+        .bind(recipient_id)
+        .bind(send_id)
+        .bind(CHANNEL)
+        .bind(job_id)
+        .fetch_one(pool)
+        .await
+        .map_err(crate::error::tenant_must_exist)?;
     let status: CampaignStatus = status
         .ok_or_else(|| Error::not_found(format!("message campaign {campaign_id}")))?
         .parse()?;
@@ -1483,5 +1549,70 @@ mod tests {
         assert!(!valid_language("en-us"));
         assert!(valid_template_name("order_update_2"));
         assert!(!valid_template_name("Order Update"));
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use crate::plans::{rows_discarded, uuid};
+
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn the_send_steps_statements_find_their_recipient_by_its_key(pool: PgPool) {
+        let tenant = crate::tenants::create(&pool, "acme", "UTC")
+            .await
+            .unwrap()
+            .0
+            .id;
+        let template = create_template(
+            &pool,
+            tenant,
+            "order_update",
+            "en_US",
+            &json!([{"type": "BODY", "text": "Order {{1}}"}]),
+        )
+        .await
+        .unwrap();
+        let rows = (0..400)
+            .map(|i| RecipientRow {
+                line: i + 2,
+                recipient: Ok(NewRecipient {
+                    country_code: "1".into(),
+                    phone: format!("1555{:07}", 100_000 + i),
+                    params: vec![format!("#{i}")],
+                }),
+            })
+            .collect();
+        let (campaign, _) = create_campaign(&pool, tenant, "launch", &template, rows)
+            .await
+            .unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        let (_, recipients) = start_sending(&mut tx, tenant, campaign.id, 50, 1)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let last = *recipients.last().unwrap();
+
+        let context = [uuid(tenant.0), uuid(last)];
+        assert_eq!(rows_discarded(&pool, SEND_CONTEXT, &context).await, 0);
+        let begin = [
+            uuid(tenant.0),
+            uuid(campaign.id),
+            uuid(last),
+            uuid(Uuid::now_v7()),
+            format!("'{CHANNEL}'"),
+            "'job-1'".to_owned(),
+        ];
+        assert_eq!(rows_discarded(&pool, BEGIN_SEND, &begin).await, 0);
+
+        // What the statements said before: with the campaign (and "no send yet") in the
+        // condition, the same plan walks the campaign's recipients for the one it wants.
+        let before = "update message_recipients set send_id = $4
+                      where tenant_id = $1 and campaign_id = $2 and id = $3 and send_id is null";
+        let discarded = rows_discarded(&pool, before, &begin[..4]).await;
+        assert!(
+            discarded > 0,
+            "the old statement discarded {discarded} rows"
+        );
     }
 }

@@ -363,18 +363,25 @@ pub async fn mark_published(tx: &mut PgConnection, ids: &[Uuid]) -> Result<u64, 
     Ok(updated)
 }
 
+/// [`mark_completed`]'s statement: $1 tenant, $2 the job's outbox row.
+pub(crate) const MARK_COMPLETED: &str = "update outbox set completed_at = now()
+     where id = $2 and tenant_id = $1 and coalesce(completed_at, dead_at) is null";
+
 /// Marks the tenant's job finished. Returns `false` when nothing changed: the row is not the
 /// tenant's, does not exist, or is already finished.
+///
+/// "Not finished" is written `coalesce(completed_at, dead_at) is null`, which the planner
+/// cannot match to the partial indexes over in-flight rows: the primary key finds the row.
+/// Written as `completed_at is null and dead_at is null`, a plan made while the in-flight index
+/// was small (statistics taken before a large campaign's rows arrived) scans every in-flight
+/// row for the one id, on every job: 0.43 ms per completion with 4,000 in flight.
 pub async fn mark_completed(pool: &PgPool, tenant: TenantId, id: Uuid) -> Result<bool, Error> {
-    let updated = sqlx::query(
-        "update outbox set completed_at = now()
-         where tenant_id = $1 and id = $2 and completed_at is null and dead_at is null",
-    )
-    .bind(tenant.0)
-    .bind(id)
-    .execute(pool)
-    .await?
-    .rows_affected();
+    let updated = sqlx::query(MARK_COMPLETED)
+        .bind(tenant.0)
+        .bind(id)
+        .execute(pool)
+        .await?
+        .rows_affected();
     Ok(updated == 1)
 }
 
@@ -388,7 +395,7 @@ pub async fn mark_dead(
 ) -> Result<bool, Error> {
     let updated = sqlx::query(
         "update outbox set dead_at = now(), last_error = $3
-         where tenant_id = $1 and id = $2 and completed_at is null and dead_at is null",
+         where id = $2 and tenant_id = $1 and coalesce(completed_at, dead_at) is null",
     )
     .bind(tenant.0)
     .bind(id)
@@ -462,5 +469,46 @@ mod tests {
         assert_eq!(truncate("héllo", 2), "h");
         assert_eq!(truncate("héllo", 3), "hé");
         assert_eq!(truncate("abc", 10), "abc");
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use crate::plans::{rows_discarded, uuid};
+
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn completing_a_job_finds_its_row_by_its_key(pool: PgPool) {
+        let tenant = crate::tenants::create(&pool, "acme", "UTC")
+            .await
+            .unwrap()
+            .0
+            .id;
+        let jobs: Vec<NewOutboxJob> = (0..400)
+            .map(|n| NewOutboxJob {
+                queue: QueueName::try_from("work".to_owned()).unwrap(),
+                payload: serde_json::json!({ "n": n }),
+                payload_version: 1,
+                priority: Priority::default(),
+                max_attempts: None,
+                run_at: None,
+                job_key: None,
+            })
+            .collect();
+        let mut tx = pool.begin().await.unwrap();
+        let ids = insert_many(&mut tx, tenant, &jobs).await.unwrap();
+        tx.commit().await.unwrap();
+        let last = [uuid(tenant.0), uuid(*ids.last().unwrap())];
+        assert_eq!(rows_discarded(&pool, MARK_COMPLETED, &last).await, 0);
+
+        // What the statement said before: "not finished" as the in-flight index's own
+        // predicate, and the same plan walks every row in flight for the one it wants.
+        let before = "update outbox set completed_at = now()
+                      where tenant_id = $1 and id = $2 and completed_at is null and dead_at is null";
+        let discarded = rows_discarded(&pool, before, &last).await;
+        assert!(
+            discarded > 0,
+            "the old statement discarded {discarded} rows"
+        );
     }
 }

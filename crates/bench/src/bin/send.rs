@@ -81,6 +81,11 @@ struct Args {
     /// Skip the fast run.
     #[arg(long)]
     no_fast: bool,
+    /// The workers' log filter (RUST_LOG; `herald_worker=info` is always added, the bench reads
+    /// the start-up line); their logs are in the temporary directory, named
+    /// `herald-bench-send-<run>-<n>.log`. `herald_queue=debug` logs every deferral's reason.
+    #[arg(long, default_value = "warn")]
+    worker_log: String,
     /// Give up on a run after this many seconds.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
@@ -182,6 +187,7 @@ struct Fleet<'a> {
     namespace: &'a str,
     api_url: String,
     concurrency: usize,
+    log_filter: &'a str,
 }
 
 impl Fleet<'_> {
@@ -199,7 +205,10 @@ impl Fleet<'_> {
                 .env("REDIS_URL", self.redis)
                 .env("HERALD_NAMESPACE", self.namespace)
                 .env("WHATSAPP_API_URL", &self.api_url)
-                .env("RUST_LOG", "warn,herald_worker=info")
+                .env(
+                    "RUST_LOG",
+                    format!("{},herald_worker=info", self.log_filter),
+                )
                 .args(["--queues", "whatsapp_send", "--json-logs"])
                 .args(["--concurrency", &self.concurrency.to_string()])
                 .args(["--pg-pool-size", "10"])
@@ -310,6 +319,7 @@ struct RunFigures {
     first_after: Duration,
     achieved: f64,
     busiest_second: usize,
+    longest_pause: Duration,
     throttled: u64,
     requests: u64,
     duplicates: usize,
@@ -328,6 +338,13 @@ impl RunFigures {
 }
 
 /// The most messages in any one-second window, by the fake's clock.
+/// The longest time the fake went without a message, between the first and the last.
+fn longest_pause(messages: &[SentMessage]) -> Duration {
+    let mut at: Vec<u64> = messages.iter().map(|m| m.at_ms).collect();
+    at.sort_unstable();
+    Duration::from_millis(at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0))
+}
+
 fn busiest_second(messages: &[SentMessage]) -> usize {
     let mut at: Vec<u64> = messages.iter().map(|m| m.at_ms).collect();
     at.sort_unstable();
@@ -441,6 +458,7 @@ async fn run(
         first_after,
         achieved,
         busiest_second: busiest_second(&messages),
+        longest_pause: longest_pause(&messages),
         throttled: stats.throttled(),
         requests: stats.requests,
         duplicates,
@@ -467,6 +485,7 @@ async fn bench(args: &Args, database: &str, namespace: &str) -> anyhow::Result<V
         namespace,
         api_url: String::new(),
         concurrency: args.worker_concurrency,
+        log_filter: &args.worker_log,
     };
     let mut figures = Vec::new();
     if !args.no_paced {
@@ -540,12 +559,13 @@ async fn main() -> anyhow::Result<()> {
     println!();
     for f in &figures {
         println!(
-            "at {} msg/s: {} messages over {:.2} s (first after {:.2} s), busiest second {}, {} requests, {} throttled, {} duplicates; {:.1} send step runs and {:.1} deferrals per message; Postgres: {} sent, {} unknown, {} failed",
+            "at {} msg/s: {} messages over {:.2} s (first after {:.2} s), busiest second {}, longest pause {} ms, {} requests, {} throttled, {} duplicates; {:.1} send step runs and {:.1} deferrals per message; Postgres: {} sent, {} unknown, {} failed",
             f.configured,
             f.messages,
             f.span.as_secs_f64(),
             f.first_after.as_secs_f64(),
             f.busiest_second,
+            f.longest_pause.as_millis(),
             f.requests,
             f.throttled,
             f.duplicates,

@@ -1,0 +1,64 @@
+//! Test support: how many rows a statement reads and throws away to find the ones it wants, in
+//! the plan the server caches for a prepared statement once it stops planning per call (a
+//! generic plan, made for any parameters, on whatever statistics the tables have). A hot
+//! statement that finds one row by its key should throw none away; one that walks a campaign
+//! or the in-flight outbox for it costs time in proportion to their size, on every call.
+
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// Runs `sql` as a prepared statement with `args` (SQL literals) under a generic plan, in a
+/// transaction that is rolled back, and returns the rows its scans and joins discarded.
+pub(crate) async fn rows_discarded(pool: &PgPool, sql: &str, args: &[String]) -> u64 {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("set local plan_cache_mode = force_generic_plan")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let name = format!("walked_{}", uuid::Uuid::new_v4().simple());
+    sqlx::raw_sql(&format!("prepare {name} as {sql}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let (plan,): (Value,) = sqlx::query_as(&format!(
+        "explain (analyze, format json) execute {name}({})",
+        args.join(", ")
+    ))
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::raw_sql(&format!("deallocate {name}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    discarded(&plan)
+}
+
+/// The plan's "Rows Removed by …" counts, each times its node's loops.
+fn discarded(plan: &Value) -> u64 {
+    match plan {
+        Value::Object(node) => {
+            let loops = node
+                .get("Actual Loops")
+                .and_then(Value::as_u64)
+                .unwrap_or(1);
+            node.iter()
+                .map(|(key, value)| {
+                    if key.starts_with("Rows Removed by") {
+                        value.as_u64().unwrap_or(0) * loops
+                    } else {
+                        discarded(value)
+                    }
+                })
+                .sum()
+        }
+        Value::Array(items) => items.iter().map(discarded).sum(),
+        _ => 0,
+    }
+}
+
+/// A SQL literal for a UUID.
+pub(crate) fn uuid(id: uuid::Uuid) -> String {
+    format!("'{id}'::uuid")
+}
