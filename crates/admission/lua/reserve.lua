@@ -7,6 +7,7 @@
 -- KEYS[n+1..2n]: the same limits' holds (the instant a 429 lock-out ends), as hold.lua keeps them.
 -- KEYS[2n+1]: the reservation (the instant it may be taken, in microseconds).
 -- KEYS[2n+2]: the cap's state (its TAT over admission instants), only when ARGV[3] > 0.
+-- KEYS[2n+3]: the cap's queue: the instant the last request the cap refused was sent back to.
 -- ARGV[1]: now in microseconds, or '' to use Redis's own clock (one clock for the fleet).
 -- ARGV[2]: grace in microseconds: how late after its instant a reservation is still honoured.
 -- ARGV[3], ARGV[4]: the cap's emission interval and tolerance in microseconds (0, 0: no cap).
@@ -32,6 +33,7 @@ local cap_tolerance = tonumber(ARGV[4])
 local n = (#ARGV - 4) / 2
 local reservation_key = KEYS[2 * n + 1]
 local cap_key = KEYS[2 * n + 2]
+local cap_queue_key = KEYS[2 * n + 3]
 
 -- The first instant the cap admits (at most `now` when it admits now).
 local function cap_allows_at()
@@ -50,6 +52,18 @@ local function cap_take()
   local tat = math.max(tonumber(redis.call('GET', cap_key) or '0'), now) + cap_interval
   local ttl_ms = math.ceil((tat - now) / 1000) + 1000
   redis.call('SET', cap_key, string.format('%.0f', tat), 'PX', ttl_ms)
+end
+
+-- The instant a new request the cap refuses comes back at: no earlier than the cap allows, and
+-- one cap interval behind the request it refused before, so that requests refused together (a
+-- crowd of steps the limits let through) come back in order, one per interval, instead of all
+-- at the cap's next instant, where all but one would be refused again, round after round.
+local function cap_queue(cap_at)
+  local tail = tonumber(redis.call('GET', cap_queue_key) or '0')
+  local at = math.max(cap_at, tail + cap_interval)
+  local ttl_ms = math.ceil((at - now) / 1000) + 1000
+  redis.call('SET', cap_queue_key, string.format('%.0f', at), 'PX', ttl_ms)
+  return at
 end
 
 local function reserve(at)
@@ -109,9 +123,13 @@ for i = 1, n do
   redis.call('SET', KEYS[i], string.format('%.0f', next_tat), 'PX', ttl_ms)
 end
 
-local at = math.max(slot, cap_allows_at())
-if at <= now then
+local cap_at = cap_allows_at()
+if slot <= now and cap_at <= now then
   cap_take()
   return {1, string.format('%.0f', now)}
 end
-return reserve(at)
+if cap_at > slot then
+  -- The slot is free by the limits but the cap is taken until after it: in line.
+  return reserve(cap_queue(math.max(slot, cap_at)))
+end
+return reserve(slot)

@@ -186,6 +186,9 @@ impl Limit {
 pub struct LimitKey {
     redis_key: String,
     hold_key: String,
+    /// Used only when the key is a cap: the instant the last request the cap refused was told
+    /// to come back at, so that refused requests queue in order.
+    queue_key: String,
     limit: Limit,
 }
 
@@ -273,6 +276,7 @@ impl RateLimiter {
         Ok(LimitKey {
             redis_key: format!("{}rl:{name}", self.prefix),
             hold_key: format!("{}rlhold:{name}", self.prefix),
+            queue_key: format!("{}rlq:{name}", self.prefix),
             limit,
         })
     }
@@ -320,7 +324,9 @@ impl RateLimiter {
     /// instants requests are actually admitted (by Redis's clock), and every admission, on a
     /// reservation or on a free slot, must pass it too. A reservation the cap does not allow at
     /// the moment its caller comes back keeps its place and moves to the instant the cap names
-    /// (answered as [`Admission::WaitUntil`], with its grace counted from there).
+    /// (answered as [`Admission::WaitUntil`], with its grace counted from there). A new request
+    /// the cap refuses reserves in line: one cap interval behind the last one it refused, so a
+    /// crowd comes back spread out instead of all at the cap's next instant.
     ///
     /// The keys' limits pace the slots; the cap bounds what reservations taken late can do to
     /// the admission instants: with a cap of interval `T` and tolerance `τ`, any window shorter
@@ -417,7 +423,7 @@ impl RateLimiter {
             .arg(u64::try_from(grace.as_micros()).unwrap_or(u64::MAX));
         match cap {
             Some(cap) => {
-                invocation.key(&cap.redis_key);
+                invocation.key(&cap.redis_key).key(&cap.queue_key);
                 invocation
                     .arg(cap.limit.interval_us)
                     .arg(cap.limit.tolerance_us());

@@ -618,6 +618,20 @@ async fn late_reservations(
     jobs: usize,
     late_by: impl Fn(usize, u32) -> u64,
 ) -> Vec<u64> {
+    late_reservations_counted(limiter, key, cap, t, jobs, late_by)
+        .await
+        .0
+}
+
+/// [`late_reservations`], also returning how many times the callers asked in all.
+async fn late_reservations_counted(
+    limiter: &RateLimiter,
+    key: &herald_admission::LimitKey,
+    cap: Option<&herald_admission::LimitKey>,
+    t: u64,
+    jobs: usize,
+    late_by: impl Fn(usize, u32) -> u64,
+) -> (Vec<u64>, usize) {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
     let keys = std::slice::from_ref(key);
@@ -625,7 +639,9 @@ async fn late_reservations(
     let mut due: BinaryHeap<Reverse<(u64, usize, u32)>> =
         (0..jobs).map(|job| Reverse((t, job, 0))).collect();
     let mut admitted = Vec::new();
+    let mut asked = 0;
     while let Some(Reverse((at, job, visit))) = due.pop() {
+        asked += 1;
         assert!(visit < 50, "job {job} keeps being deferred");
         let id = format!("job{job}");
         let answer = match cap {
@@ -646,7 +662,7 @@ async fn late_reservations(
         }
     }
     admitted.sort_unstable();
-    admitted
+    (admitted, asked)
 }
 
 /// A quarter-second stall (jobs 20 to 31 come back 240 ms late, as a descheduled worker's
@@ -765,6 +781,48 @@ async fn a_cap_bounds_a_fast_number_with_bursts() {
         "{} in the busiest second",
         max_in_any_window(&uncapped, 1000)
     );
+}
+
+/// A little jitter on every return (0 to 2 ms), as a worker fleet's wake-ups have.
+fn jittery(job: usize, visit: u32) -> u64 {
+    if visit == 0 {
+        0
+    } else {
+        (job as u64 * 7 + u64::from(visit)) % 3
+    }
+}
+
+#[tokio::test]
+async fn a_crowd_the_cap_refuses_comes_back_in_line() {
+    let limiter = limiter().await;
+    // 1,000 msg/s as the send step sets it up: slots 2 % under with 250 ms of tolerance (so a
+    // crowd passes the slots), the cap at most 1,000 in a second with 10 ms of burst.
+    let number = limiter
+        .key(
+            "whatsapp:crowd",
+            Limit::per_second(1_000.0 / 1.02)
+                .unwrap()
+                .with_burst(246)
+                .unwrap(),
+        )
+        .unwrap();
+    let cap = limiter
+        .key(
+            "whatsapp:crowd:admitted",
+            Limit::at_most(1_000, Duration::from_secs(1), Duration::from_micros(1_010)).unwrap(),
+        )
+        .unwrap();
+    let t = 1_900_000_000_000u64;
+    // 110 steps arrive at once (a worker catching up after a stall): the cap admits its burst
+    // and refuses the rest.
+    let (admitted, asked) =
+        late_reservations_counted(&limiter, &number, Some(&cap), t, 110, jittery).await;
+    assert_eq!(admitted.len(), 110);
+    assert!(max_in_any_window(&admitted, 1000) <= 1_000);
+    // The refused are sent back in line, one cap interval apart, and nearly all are admitted
+    // when they come back. Sent back all to the cap's next instant, they would come back
+    // together and all but one be refused again, round after round.
+    assert!(asked <= 110 + 100 + 20, "{asked} asks for 110 steps");
 }
 
 #[tokio::test]
