@@ -9,17 +9,17 @@
 //! [`RATE_MARGIN`] under the configured rate; the steps are scheduled one turn of that pace
 //! apart when the campaign starts, resumes or retries (after a lead for writing and relaying
 //! them, [`SCHEDULE_LEAD`]), so they reach the limiter about when their turn comes instead of
-//! all at once; no step is fetched ahead of a free handler ([`JobPayload::PUNCTUAL`]); and a step that must wait reserves a slot of its own
-//! ([`RateLimiter::admit_reserving_capped`]), so waiting steps never wake together and a late one
-//! never pushes the slots after it back.
+//! all at once; no step is fetched ahead of a free handler ([`JobPayload::PUNCTUAL`]); and a
+//! step that must wait reserves a slot of its own ([`RateLimiter::admit_reserving_capped`]), so
+//! waiting steps never wake together and a late one never pushes the slots after it back.
 //!
 //! What bounds the rate, by construction. A reserved slot may be taken up to
 //! [`RESERVATION_GRACE`] late (a loaded fleet wakes late, and forfeiting would collapse the
 //! pace); a slot taken late lands among the slots taken on time meanwhile, so on the slots alone
-//! one second of admissions could hold the slots of the grace and that second. Every admission, on a reservation or
-//! not, therefore also passes the number's *cap* ([`rate_cap`]): a second limit counted on the
-//! instants steps are actually admitted (Redis's clock), which admits at most the configured rate
-//! in any one-second window. A late reservation the cap does not allow at that moment keeps its
+//! one second of admissions could hold the slots of the grace and that second. Every admission,
+//! on a reservation or not, therefore also passes the number's *cap* ([`rate_cap`]): a second
+//! limit counted on the instants steps are actually admitted (Redis's clock), which admits at
+//! most the configured rate in any one-second window. A late reservation the cap does not allow at that moment keeps its
 //! place and moves to the instant the cap names. The cap runs 1 % under the configured rate
 //! and the slots 2 %, so the cap catches up with late steps instead of slowing the campaign.
 //! What Meta sees in one second is then at most the configured rate plus the steps admitted
