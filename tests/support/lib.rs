@@ -239,6 +239,16 @@ impl TestDb {
             .expect("tenant");
         tenant.id
     }
+
+    /// The number `sql` counts for `tenant` (its `$1`), retried while Postgres is unreachable.
+    pub async fn tenant_count(&self, tenant: TenantId, sql: &'static str) -> i64 {
+        retry(sql, || {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(tenant.0)
+                .fetch_one(&self.pool)
+        })
+        .await
+    }
 }
 
 impl Drop for TestDb {

@@ -22,7 +22,7 @@ use herald_fakes::linkedin::{self as linkedin_fake, LinkedinFakeConfig};
 use herald_fakes::outreach::{self, Fault, Limit, ProviderFake, WebhookPlan, WebhookTarget};
 use herald_tests::{
     DEADLINE, HttpReply, RedisServer, TestDb, WorkerConfig, WorkerProcess, http_request, namespace,
-    retry, serve_api, wait_until,
+    serve_api, wait_until,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -253,12 +253,7 @@ impl World {
     }
 
     async fn scalar(&self, sql: &'static str) -> i64 {
-        retry(sql, || {
-            sqlx::query_scalar::<_, i64>(sql)
-                .bind(self.tenant.0)
-                .fetch_one(&self.db.pool)
-        })
-        .await
+        self.db.tenant_count(self.tenant, sql).await
     }
 
     /// Waits (at most [`DEADLINE`]) until `sql` (bound to the tenant) counts `want`; fails with

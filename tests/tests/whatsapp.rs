@@ -20,7 +20,7 @@ use herald_fakes::meta::{
 };
 use herald_tests::{
     DEADLINE, HttpReply, RedisServer, TestDb, WorkerConfig, WorkerProcess, http_request, namespace,
-    queue_client, retry, wait_until,
+    queue_client, wait_until,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -229,12 +229,7 @@ impl World {
     }
 
     async fn scalar(&self, sql: &'static str) -> i64 {
-        retry(sql, || {
-            sqlx::query_scalar::<_, i64>(sql)
-                .bind(self.tenant.0)
-                .fetch_one(&self.db.pool)
-        })
-        .await
+        self.db.tenant_count(self.tenant, sql).await
     }
 
     /// Every recipient's send in Postgres: phone → (send id, status, Meta's message id).

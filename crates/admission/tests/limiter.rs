@@ -725,27 +725,27 @@ fn stalled_fast_steps(job: usize, visit: u32) -> u64 {
     }
 }
 
+/// A number at 1,000 msg/s as the send step paces it: slots 2 % under, `burst` at once.
+fn fast_number(limiter: &RateLimiter, name: &str, burst: u32) -> herald_admission::LimitKey {
+    let pace = Limit::per_second(1_000.0 / 1.02)
+        .unwrap()
+        .with_burst(burst)
+        .unwrap();
+    limiter.key(name, pace).unwrap()
+}
+
+/// The cap on a number at 1,000 msg/s: at most 1,000 in any second, 10 ms of burst.
+fn fast_cap(limiter: &RateLimiter, name: &str) -> herald_admission::LimitKey {
+    let cap = Limit::at_most(1_000, Duration::from_secs(1), Duration::from_micros(1_010)).unwrap();
+    limiter.key(name, cap).unwrap()
+}
+
 #[tokio::test]
 async fn a_cap_bounds_a_fast_number_with_bursts() {
     // 1,000 msg/s: slots 2 % under it with 10 ms of burst, the cap at most 1,000 in a second.
-    let number = |limiter: &RateLimiter| {
-        limiter
-            .key(
-                "whatsapp:fast",
-                Limit::per_second(1_000.0 / 1.02)
-                    .unwrap()
-                    .with_burst(10)
-                    .unwrap(),
-            )
-            .unwrap()
-    };
+    let number = |limiter: &RateLimiter| fast_number(limiter, "whatsapp:fast", 10);
     let limiter = limiter().await;
-    let cap = limiter
-        .key(
-            "whatsapp:fast:admitted",
-            Limit::at_most(1_000, Duration::from_secs(1), Duration::from_micros(1_010)).unwrap(),
-        )
-        .unwrap();
+    let cap = fast_cap(&limiter, "whatsapp:fast:admitted");
     let t = 1_900_000_000_000u64;
     let admitted = late_reservations(
         &limiter,
@@ -797,21 +797,8 @@ async fn a_crowd_the_cap_refuses_comes_back_in_line() {
     let limiter = limiter().await;
     // 1,000 msg/s as the send step sets it up: slots 2 % under with 250 ms of tolerance (so a
     // crowd passes the slots), the cap at most 1,000 in a second with 10 ms of burst.
-    let number = limiter
-        .key(
-            "whatsapp:crowd",
-            Limit::per_second(1_000.0 / 1.02)
-                .unwrap()
-                .with_burst(246)
-                .unwrap(),
-        )
-        .unwrap();
-    let cap = limiter
-        .key(
-            "whatsapp:crowd:admitted",
-            Limit::at_most(1_000, Duration::from_secs(1), Duration::from_micros(1_010)).unwrap(),
-        )
-        .unwrap();
+    let number = fast_number(&limiter, "whatsapp:crowd", 246);
+    let cap = fast_cap(&limiter, "whatsapp:crowd:admitted");
     let t = 1_900_000_000_000u64;
     // 110 steps arrive at once (a worker catching up after a stall): the cap admits its burst
     // and refuses the rest.

@@ -208,6 +208,15 @@ impl Table {
     fn print(&self) {
         print!("{}", self.render());
     }
+
+    /// The table, or `empty` alone when it has no rows.
+    fn print_or(&self, empty: &str) {
+        if self.rows.is_empty() {
+            println!("{empty}");
+        } else {
+            self.print();
+        }
+    }
 }
 
 use Align::{Left, Right};
@@ -239,10 +248,6 @@ pub async fn templates(pool: &PgPool, command: TemplatesCommand) -> anyhow::Resu
         TemplatesCommand::List(args) => {
             let tenant = args.tenant.resolve(pool).await?;
             let list = messages::templates(pool, tenant, args.limit.clamp(1, 1_000)).await?;
-            if list.is_empty() {
-                println!("no templates");
-                return Ok(());
-            }
             let mut table = Table::new(&[
                 ("id", Left),
                 ("name", Left),
@@ -259,7 +264,7 @@ pub async fn templates(pool: &PgPool, command: TemplatesCommand) -> anyhow::Resu
                     time(Some(t.created_at)),
                 ]);
             }
-            table.print();
+            table.print_or("no templates");
         }
         TemplatesCommand::SampleCsv(args) => {
             let tenant = args.tenant.resolve(pool).await?;
@@ -348,10 +353,6 @@ pub async fn message_campaigns(
         MessageCampaignsCommand::List(args) => {
             let tenant = args.tenant.resolve(pool).await?;
             let list = messages::campaigns(pool, tenant, args.limit.clamp(1, 1_000)).await?;
-            if list.is_empty() {
-                println!("no message campaigns");
-                return Ok(());
-            }
             let mut table = Table::new(&[
                 ("id", Left),
                 ("name", Left),
@@ -381,7 +382,7 @@ pub async fn message_campaigns(
                     time(Some(c.created_at)),
                 ]);
             }
-            table.print();
+            table.print_or("no message campaigns");
         }
         MessageCampaignsCommand::Show(args) => {
             let tenant = args.tenant.resolve(pool).await?;
@@ -447,10 +448,6 @@ pub async fn sequences_command(pool: &PgPool, command: SequencesCommand) -> anyh
             let tenant = args.tenant.resolve(pool).await?;
             let limit = u32::try_from(args.limit.clamp(1, 500)).unwrap_or(500);
             let list = sequences::list(pool, tenant, limit).await?;
-            if list.is_empty() {
-                println!("no sequences");
-                return Ok(());
-            }
             let mut table = Table::new(&[
                 ("id", Left),
                 ("name", Left),
@@ -479,7 +476,7 @@ pub async fn sequences_command(pool: &PgPool, command: SequencesCommand) -> anyh
                     time(Some(s.created_at)),
                 ]);
             }
-            table.print();
+            table.print_or("no sequences");
         }
         SequencesCommand::Show(args) => {
             let tenant = args.tenant.resolve(pool).await?;
@@ -567,31 +564,27 @@ pub async fn sequences_command(pool: &PgPool, command: SequencesCommand) -> anyh
             }
             print_fields(&fields);
             println!();
-            if timeline.is_empty() {
-                println!("no steps executed yet");
-            } else {
-                let mut table = Table::new(&[
-                    ("step", Right),
-                    ("type", Left),
-                    ("outcome", Left),
-                    ("channel", Left),
-                    ("send", Left),
-                    ("send status", Left),
-                    ("at", Left),
+            let mut table = Table::new(&[
+                ("step", Right),
+                ("type", Left),
+                ("outcome", Left),
+                ("channel", Left),
+                ("send", Left),
+                ("send status", Left),
+                ("at", Left),
+            ]);
+            for entry in &timeline {
+                table.row(vec![
+                    entry.step.to_string(),
+                    entry.step_type.clone(),
+                    entry.outcome.clone(),
+                    or_dash(entry.channel.as_ref()),
+                    or_dash(entry.send_id),
+                    or_dash(entry.send_status.as_ref()),
+                    time(Some(entry.at)),
                 ]);
-                for entry in &timeline {
-                    table.row(vec![
-                        entry.step.to_string(),
-                        entry.step_type.clone(),
-                        entry.outcome.clone(),
-                        or_dash(entry.channel.as_ref()),
-                        or_dash(entry.send_id),
-                        or_dash(entry.send_status.as_ref()),
-                        time(Some(entry.at)),
-                    ]);
-                }
-                table.print();
             }
+            table.print_or("no steps executed yet");
             if !signals.is_empty() {
                 println!();
                 let mut table = Table::new(&[("signal", Left), ("at", Left)]);
@@ -627,10 +620,6 @@ pub async fn call_campaigns(pool: &PgPool, command: CallCampaignsCommand) -> any
         CallCampaignsCommand::List(args) => {
             let tenant = args.tenant.resolve(pool).await?;
             let list = calls::list_campaigns(pool, tenant, args.limit.clamp(1, 1_000)).await?;
-            if list.is_empty() {
-                println!("no call campaigns");
-                return Ok(());
-            }
             let mut table = Table::new(&[
                 ("id", Left),
                 ("name", Left),
@@ -656,7 +645,7 @@ pub async fn call_campaigns(pool: &PgPool, command: CallCampaignsCommand) -> any
                     time(Some(c.created_at)),
                 ]);
             }
-            table.print();
+            table.print_or("no call campaigns");
         }
         CallCampaignsCommand::Show(args) => {
             let tenant = args.tenant.resolve(pool).await?;
@@ -727,10 +716,6 @@ pub async fn calls_command(pool: &PgPool, command: CallsCommand) -> anyhow::Resu
                 herald_store::Error::Invalid { reason, .. } => anyhow!("--state: {reason}"),
                 other => tenant_error(other),
             })?;
-            if list.is_empty() {
-                println!("no calls");
-                return Ok(());
-            }
             let mut table = Table::new(&[
                 ("id", Left),
                 ("phone", Left),
@@ -756,7 +741,7 @@ pub async fn calls_command(pool: &PgPool, command: CallsCommand) -> anyhow::Resu
                     time(call.ended_at),
                 ]);
             }
-            table.print();
+            table.print_or("no calls");
         }
     }
     Ok(())

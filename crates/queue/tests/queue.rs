@@ -118,25 +118,32 @@ fn spawn_worker(queue: &Queue, opts: WorkerOptions, seen: Arc<Seen>) -> Running 
     spawn_backend(RedisBackend::<Work>::new(queue.clone(), opts), seen)
 }
 
+/// Runs `$handler` on `$backend` with `$seen` until the returned [`Running`] is stopped.
+macro_rules! spawn_with {
+    ($backend:expr, $seen:expr, $handler:expr) => {{
+        let worker = WorkerBuilder::new(format!("w-{}", uuid::Uuid::new_v4()))
+            .backend($backend)
+            .data($seen)
+            .build($handler);
+        let (tx, rx) = oneshot::channel::<()>();
+        let done = tokio::spawn(async move {
+            worker
+                .run_until(async move {
+                    let _ = rx.await;
+                    Ok::<(), std::io::Error>(())
+                })
+                .await
+                .expect("worker ran");
+        });
+        Running {
+            stop: Some(tx),
+            done,
+        }
+    }};
+}
+
 fn spawn_backend(backend: RedisBackend<Work>, seen: Arc<Seen>) -> Running {
-    let worker = WorkerBuilder::new(format!("w-{}", uuid::Uuid::new_v4()))
-        .backend(backend)
-        .data(seen)
-        .build(handler);
-    let (tx, rx) = oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        worker
-            .run_until(async move {
-                let _ = rx.await;
-                Ok::<(), std::io::Error>(())
-            })
-            .await
-            .expect("worker ran");
-    });
-    Running {
-        stop: Some(tx),
-        done,
-    }
+    spawn_with!(backend, seen, handler)
 }
 
 async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
@@ -667,23 +674,13 @@ async fn punctual_jobs_are_never_fetched_ahead_of_a_free_handler() {
         .collect();
     q.enqueue_batch(jobs).await.unwrap();
     let seen = Arc::new(Seen::default());
-    let worker = WorkerBuilder::new(format!("w-{}", uuid::Uuid::new_v4()))
-        .backend(RedisBackend::<OnTime>::new(q.clone(), opts))
-        .data(seen.clone())
-        .build(hold_on_time);
-    let (tx, rx) = oneshot::channel::<()>();
-    let done = tokio::spawn(async move {
-        worker
-            .run_until(async move {
-                let _ = rx.await;
-                Ok::<(), std::io::Error>(())
-            })
-            .await
-            .expect("worker ran");
-    });
+    let w = spawn_with!(
+        RedisBackend::<OnTime>::new(q.clone(), opts),
+        seen.clone(),
+        hold_on_time
+    );
     let peak = peak_leased(&q, || seen.runs.load(Ordering::SeqCst) >= 8).await;
-    let _ = tx.send(());
-    done.await.unwrap();
+    w.stop().await;
     assert!(
         peak <= 2,
         "{peak} punctual jobs leased at once by two handlers"

@@ -3,6 +3,9 @@
 //! generic plan, made for any parameters, on whatever statistics the tables have). A hot
 //! statement that finds one row by its key should throw none away; one that walks a campaign
 //! or the in-flight outbox for it costs time in proportion to their size, on every call.
+//!
+//! `HERALD_SHOW_PLANS=1 cargo test -p herald-store --lib plan_tests -- --nocapture` prints the
+//! plans.
 
 use serde_json::Value;
 use sqlx::PgPool;
@@ -10,13 +13,29 @@ use sqlx::PgPool;
 /// Runs `sql` as a prepared statement with `args` (SQL literals) under a generic plan, in a
 /// transaction that is rolled back, and returns the rows its scans and joins discarded.
 pub(crate) async fn rows_discarded(pool: &PgPool, sql: &str, args: &[String]) -> u64 {
+    rows_discarded_as(pool, sql, &[], args).await
+}
+
+/// [`rows_discarded`] with the parameters' types named, for a statement that does not use
+/// every parameter (the server cannot infer the type of one it never sees).
+pub(crate) async fn rows_discarded_as(
+    pool: &PgPool,
+    sql: &str,
+    types: &[&str],
+    args: &[String],
+) -> u64 {
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("set local plan_cache_mode = force_generic_plan")
         .execute(&mut *tx)
         .await
         .unwrap();
     let name = format!("walked_{}", uuid::Uuid::new_v4().simple());
-    sqlx::raw_sql(&format!("prepare {name} as {sql}"))
+    let types = if types.is_empty() {
+        String::new()
+    } else {
+        format!("({})", types.join(", "))
+    };
+    sqlx::raw_sql(&format!("prepare {name} {types} as {sql}"))
         .execute(&mut *tx)
         .await
         .unwrap();
@@ -32,6 +51,9 @@ pub(crate) async fn rows_discarded(pool: &PgPool, sql: &str, args: &[String]) ->
         .await
         .unwrap();
     tx.rollback().await.unwrap();
+    if std::env::var_os("HERALD_SHOW_PLANS").is_some() {
+        eprintln!("{plan:#}");
+    }
     discarded(&plan)
 }
 

@@ -206,6 +206,42 @@ pub struct StatusChange {
     pub error: Option<String>,
 }
 
+/// [`apply`]'s statement around the part that finds the send (locked): $1 tenant, $2 channel,
+/// $3 send id, $4 provider message id, $5 the statuses that may move, $6 the new status,
+/// $7 error code, $8 error. The update names the send's id as a value (`= (select id …)`), not
+/// as a join to the part that found it: joined, a plan made for any parameters walks the
+/// tenant's sends for the one it wants.
+macro_rules! apply_statement {
+    ($find:literal) => {
+        concat!(
+            "with target as (",
+            $find,
+            " for update), moved as (
+                 update sends s set
+                     status = case when s.status = any($5) then $6 else s.status end,
+                     provider_message_id = coalesce(s.provider_message_id, $4),
+                     error_code = case when s.status = any($5) and $6 = 'failed'
+                                       then $7 else s.error_code end,
+                     error = case when s.status = any($5) and $6 = 'failed'
+                                  then $8 else s.error end,
+                     updated_at = now()
+                 where s.tenant_id = $1 and s.id = (select id from target)
+                 returning (select status from target) = any($5) as moved
+             )
+             select moved from moved"
+        )
+    };
+}
+
+const APPLY_BY_SEND_ID: &str = apply_statement!(
+    "select id, status from sends where tenant_id = $1 and id = $3 and channel = $2"
+);
+
+const APPLY_BY_PROVIDER_ID: &str = apply_statement!(
+    "select id, status from sends
+     where tenant_id = $1 and channel = $2 and provider_message_id = $4"
+);
+
 /// Moves the tenant's send to `status` if the forward-only rule allows it; found by send id,
 /// else by the provider's message id on `channel`. The provider's message id is recorded even
 /// when the status does not move (an `unknown` send learns its id from a late `sent`).
@@ -230,32 +266,12 @@ pub async fn apply(
     // message id when there is no id" cannot use either index in a plan made for any
     // parameters, and walks the tenant's sends for the one it wants (1 ms per status at 4,000
     // sends, growing with them).
-    let find = if change.send_id.is_some() {
-        "select id, status from sends
-         where tenant_id = $1 and id = $3 and channel = $2
-         for update"
+    let statement = if change.send_id.is_some() {
+        APPLY_BY_SEND_ID
     } else {
-        "select id, status from sends
-         where tenant_id = $1 and channel = $2 and provider_message_id = $4
-         for update"
+        APPLY_BY_PROVIDER_ID
     };
-    let statement = format!(
-        "with target as ({find}), moved as (
-             update sends s set
-                 status = case when s.status = any($5) then $6 else s.status end,
-                 provider_message_id = coalesce(s.provider_message_id, $4),
-                 error_code = case when s.status = any($5) and $6 = 'failed'
-                                   then $7 else s.error_code end,
-                 error = case when s.status = any($5) and $6 = 'failed'
-                              then $8 else s.error end,
-                 updated_at = now()
-             from target t
-             where s.tenant_id = $1 and s.id = t.id
-             returning t.status = any($5) as moved
-         )
-         select moved from moved"
-    );
-    let outcome: Option<(bool,)> = sqlx::query_as(&statement)
+    let outcome: Option<(bool,)> = sqlx::query_as(statement)
         .bind(tenant.0)
         .bind(channel)
         .bind(change.send_id)
@@ -327,5 +343,58 @@ mod tests {
             assert_eq!(status.as_str().parse::<SendStatus>().unwrap(), status);
             assert!(!status.may_follow().contains(&status));
         }
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use crate::plans::{rows_discarded, rows_discarded_as, uuid};
+
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn a_status_finds_its_send_by_its_key(pool: PgPool) {
+        let tenant = crate::tenants::create(&pool, "acme", "UTC")
+            .await
+            .unwrap()
+            .0
+            .id;
+        let mut tx = pool.begin().await.unwrap();
+        let mut last = Uuid::nil();
+        for n in 0..400 {
+            last = begin(&mut tx, tenant, "whatsapp", &format!("job-{n}"))
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+        let args = [
+            uuid(tenant.0),
+            "'whatsapp'".to_owned(),
+            uuid(last),
+            "null".to_owned(),
+            "'{attempting}'".to_owned(),
+            "'sent'".to_owned(),
+            "null".to_owned(),
+            "null".to_owned(),
+        ];
+        assert_eq!(rows_discarded(&pool, APPLY_BY_SEND_ID, &args).await, 0);
+        let mut by_provider_id = args.clone();
+        by_provider_id[2] = "null".to_owned();
+        by_provider_id[3] = "'wamid.1'".to_owned();
+        let types = [
+            "uuid", "text", "uuid", "text", "text[]", "text", "text", "text",
+        ];
+        assert_eq!(
+            rows_discarded_as(&pool, APPLY_BY_PROVIDER_ID, &types, &by_provider_id).await,
+            0
+        );
+
+        // What the statement said before: by id, or by the provider's id when there is none.
+        let before = "select id from sends where tenant_id = $1 and channel = $2
+                      and (id = $3 or ($3 is null and provider_message_id = $4))";
+        let discarded = rows_discarded(&pool, before, &args[..4]).await;
+        assert!(
+            discarded > 0,
+            "the old statement discarded {discarded} rows"
+        );
     }
 }
