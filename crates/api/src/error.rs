@@ -136,8 +136,23 @@ impl From<herald_store::Error> for ApiError {
             herald_store::Error::Database(sqlx::Error::PoolTimedOut) => {
                 ApiError::Unavailable("postgres pool timed out".into())
             }
+            // The connection went away (Postgres restarting): the pool replaces it, so the
+            // request can be retried.
+            herald_store::Error::Database(e) if connection_lost(&e) => {
+                ApiError::Unavailable(format!("postgres connection lost: {e}"))
+            }
             other => ApiError::Internal(format!("store: {other}")),
         }
+    }
+}
+
+/// Whether `e` says the connection is gone rather than the statement wrong: an I/O error, or
+/// the server shutting down or not yet accepting connections (SQLSTATE class 57P).
+fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| code.starts_with("57P")),
+        _ => false,
     }
 }
 
@@ -183,5 +198,29 @@ impl IntoResponse for ApiError {
             }
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_postgres_connection_is_unavailable_not_internal() {
+        let lost = sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        ));
+        assert!(
+            matches!(ApiError::from(lost), ApiError::Unavailable(m) if m.contains("connection lost"))
+        );
+        assert!(matches!(
+            ApiError::from(sqlx::Error::PoolTimedOut),
+            ApiError::Unavailable(_)
+        ));
+        assert!(matches!(
+            ApiError::from(sqlx::Error::RowNotFound),
+            ApiError::Internal(_)
+        ));
     }
 }

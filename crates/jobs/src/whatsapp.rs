@@ -61,7 +61,8 @@ use herald_store::outbox::{self, NewOutboxJob};
 use herald_store::sends::{self, Applied, SendStatus, StatusChange};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
 use uuid::Uuid;
 
 use crate::Deps;
@@ -445,7 +446,7 @@ fn message_for(ctx: &SendContext, send_id: Uuid) -> TemplateMessage {
 }
 
 async fn settle(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     tenant: TenantId,
     send_id: Uuid,
     status: SendStatus,
@@ -455,10 +456,18 @@ async fn settle(
         send_id: Some(send_id),
         ..change
     };
-    sends::apply(pool, tenant, messages::CHANNEL, status, &change)
+    sends::apply(conn, tenant, messages::CHANNEL, status, &change)
         .await
         .map_err(store_error)?;
     Ok(())
+}
+
+/// A connection from the pool: the send step runs the statements of each side of Meta's call
+/// on one (the pool checks a connection with a round trip each time one comes back to it).
+async fn connection(pool: &PgPool) -> Result<PoolConnection<Postgres>, JobError> {
+    pool.acquire()
+        .await
+        .map_err(|e| store_error(herald_store::Error::from(e)))
 }
 
 /// One send step, `job_id` being the job's id (re-deliveries share it):
@@ -493,7 +502,8 @@ pub async fn run_send(
         }
         None => None,
     };
-    let ctx = messages::send_context(pool, tenant, job.campaign_id, job.recipient_id)
+    let mut conn = connection(pool).await?;
+    let ctx = messages::send_context(&mut *conn, tenant, job.campaign_id, job.recipient_id)
         .await
         .map_err(store_error)?;
     // A delivery that died may have held a concurrency slot (named by the job id): a
@@ -515,7 +525,7 @@ pub async fn run_send(
                     send = %send.id, "send step re-delivered after its attempt: marked unknown, not resent");
             }
             release_dead_slot().await;
-            complete_if_done(pool, tenant, job.campaign_id).await?;
+            complete_if_done(&mut *conn, tenant, job.campaign_id).await?;
         }
         return Ok(());
     }
@@ -561,22 +571,11 @@ pub async fn run_send(
         job,
         last_attempt,
     };
-    let outcome = attempt(&step, &ctx, &settings, &sender).await;
+    let outcome = attempt(&step, conn, &ctx, &settings, &sender).await;
     whatsapp
         .release_concurrency_slot(tenant, job.campaign_id, job_id)
         .await;
-    match outcome? {
-        Attempted::Settled => complete_if_done(pool, tenant, job.campaign_id).await,
-        Attempted::Nothing => Ok(()),
-    }
-}
-
-/// What an attempt left to do.
-enum Attempted {
-    /// The recipient's send was settled (or left `unknown`): the campaign may be complete.
-    Settled,
-    /// Nothing was attempted: the recipient is taken or the campaign not sending.
-    Nothing,
+    outcome
 }
 
 /// The send step being run.
@@ -589,14 +588,16 @@ struct Step<'a> {
     last_attempt: bool,
 }
 
-/// The attempt proper, under the job's concurrency slot: record it, call Meta, record the
-/// answer.
+/// The attempt proper, under the job's concurrency slot: record it on `conn` (given back
+/// before Meta is called), call Meta, record the answer and complete the campaign if it was
+/// the last, on one connection.
 async fn attempt(
     step: &Step<'_>,
+    mut conn: PoolConnection<Postgres>,
     ctx: &SendContext,
     settings: &messages::WhatsAppSettings,
     sender: &Sender,
-) -> Result<Attempted, JobError> {
+) -> Result<(), JobError> {
     let Step {
         pool,
         whatsapp,
@@ -605,14 +606,20 @@ async fn attempt(
         job,
         last_attempt,
     } = *step;
-    let send_id =
-        match messages::begin_send(pool, tenant, job.campaign_id, job.recipient_id, job_id)
-            .await
-            .map_err(store_error)?
-        {
-            Begin::Started(send_id) => send_id,
-            Begin::Taken | Begin::NotSending(_) => return Ok(Attempted::Nothing),
-        };
+    let send_id = match messages::begin_send(
+        &mut *conn,
+        tenant,
+        job.campaign_id,
+        job.recipient_id,
+        job_id,
+    )
+    .await
+    .map_err(store_error)?
+    {
+        Begin::Started(send_id) => send_id,
+        Begin::Taken | Begin::NotSending(_) => return Ok(()),
+    };
+    drop(conn);
     let message = message_for(ctx, send_id);
     let outcome = whatsapp
         .client
@@ -625,8 +632,9 @@ async fn attempt(
     };
     match outcome {
         Ok(wamid) => {
+            let mut conn = connection(pool).await?;
             settle(
-                pool,
+                &mut conn,
                 tenant,
                 send_id,
                 SendStatus::Sent,
@@ -636,6 +644,7 @@ async fn attempt(
                 },
             )
             .await?;
+            complete_if_done(&mut *conn, tenant, job.campaign_id).await?;
         }
         Err(meta::Error::Throttled { kind, wait, code }) => {
             undo().await?;
@@ -651,25 +660,43 @@ async fn attempt(
             ));
         }
         Err(error @ (meta::Error::Rejected { .. } | meta::Error::Unauthorized { .. })) => {
-            settle(pool, tenant, send_id, SendStatus::Failed, failure(&error)).await?;
+            let mut conn = connection(pool).await?;
+            settle(
+                &mut conn,
+                tenant,
+                send_id,
+                SendStatus::Failed,
+                failure(&error),
+            )
+            .await?;
+            complete_if_done(&mut *conn, tenant, job.campaign_id).await?;
         }
         Err(error @ meta::Error::Ambiguous(_)) => {
             sends::mark_unknown(pool, tenant, send_id)
                 .await
                 .map_err(store_error)?;
             tracing::warn!(%tenant, send = %send_id, %error, "WhatsApp send outcome unknown; left to status webhooks");
+            complete_if_done(pool, tenant, job.campaign_id).await?;
         }
         Err(error @ (meta::Error::NotSent(_) | meta::Error::Server { .. })) => {
             if last_attempt {
-                settle(pool, tenant, send_id, SendStatus::Failed, failure(&error)).await?;
-                complete_if_done(pool, tenant, job.campaign_id).await?;
+                let mut conn = connection(pool).await?;
+                settle(
+                    &mut conn,
+                    tenant,
+                    send_id,
+                    SendStatus::Failed,
+                    failure(&error),
+                )
+                .await?;
+                complete_if_done(&mut *conn, tenant, job.campaign_id).await?;
             } else {
                 undo().await?;
             }
             return Err(JobError::retry(error.to_string()));
         }
     }
-    Ok(Attempted::Settled)
+    Ok(())
 }
 
 /// A failed send's record: Meta's error code and message.
@@ -681,8 +708,12 @@ fn failure(error: &meta::Error) -> StatusChange {
     }
 }
 
-async fn complete_if_done(pool: &PgPool, tenant: TenantId, campaign: Uuid) -> Result<(), JobError> {
-    if messages::complete_if_done(pool, tenant, campaign)
+async fn complete_if_done<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    tenant: TenantId,
+    campaign: Uuid,
+) -> Result<(), JobError> {
+    if messages::complete_if_done(conn, tenant, campaign)
         .await
         .map_err(store_error)?
     {

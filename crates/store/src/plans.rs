@@ -24,6 +24,23 @@ pub(crate) async fn rows_discarded_as(
     types: &[&str],
     args: &[String],
 ) -> u64 {
+    discarded(&generic_plan(pool, sql, types, args).await)
+}
+
+/// The rows `sql`'s generic plan (as [`rows_discarded`]) reads from `relation`, over all its
+/// scans of it: a statement that looks one row up by its key reads one.
+pub(crate) async fn rows_read_from(
+    pool: &PgPool,
+    sql: &str,
+    args: &[String],
+    relation: &str,
+) -> u64 {
+    read_from(&generic_plan(pool, sql, &[], args).await, relation)
+}
+
+/// `explain analyze` of `sql` run as a prepared statement under a generic plan, in a
+/// transaction that is rolled back.
+async fn generic_plan(pool: &PgPool, sql: &str, types: &[&str], args: &[String]) -> Value {
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("set local plan_cache_mode = force_generic_plan")
         .execute(&mut *tx)
@@ -54,7 +71,28 @@ pub(crate) async fn rows_discarded_as(
     if std::env::var_os("HERALD_SHOW_PLANS").is_some() {
         eprintln!("{plan:#}");
     }
-    discarded(&plan)
+    plan
+}
+
+/// The actual rows of the plan's scans of `relation`, each times its node's loops.
+fn read_from(plan: &Value, relation: &str) -> u64 {
+    match plan {
+        Value::Object(node) => {
+            let own = if node.get("Relation Name").and_then(Value::as_str) == Some(relation) {
+                let rows = node.get("Actual Rows").and_then(Value::as_u64).unwrap_or(0);
+                let loops = node
+                    .get("Actual Loops")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1);
+                rows * loops
+            } else {
+                0
+            };
+            own + node.values().map(|v| read_from(v, relation)).sum::<u64>()
+        }
+        Value::Array(items) => items.iter().map(|v| read_from(v, relation)).sum(),
+        _ => 0,
+    }
 }
 
 /// The plan's "Rows Removed by …" counts, each times its node's loops.

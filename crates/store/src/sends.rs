@@ -245,8 +245,8 @@ const APPLY_BY_PROVIDER_ID: &str = apply_statement!(
 /// Moves the tenant's send to `status` if the forward-only rule allows it; found by send id,
 /// else by the provider's message id on `channel`. The provider's message id is recorded even
 /// when the status does not move (an `unknown` send learns its id from a late `sent`).
-pub async fn apply(
-    pool: &PgPool,
+pub async fn apply<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
     tenant: TenantId,
     channel: &str,
     status: SendStatus,
@@ -280,7 +280,7 @@ pub async fn apply(
         .bind(status.as_str())
         .bind(change.error_code.as_deref())
         .bind(error_text.as_deref())
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await
         .map_err(|e| {
             if error::is_unique_violation(&e) {

@@ -40,3 +40,26 @@ async fn ensure_database_creates_a_missing_database_once() -> anyhow::Result<()>
         .await?;
     Ok(())
 }
+
+/// The pool hands a recently used connection out unchecked (no round trip), and checks one
+/// that sat idle: a connection the server dropped while idle is replaced, not handed out.
+#[tokio::test]
+async fn a_connection_dropped_while_idle_is_replaced() -> anyhow::Result<()> {
+    let pool = connect(&server_url(), 1).await?;
+    let admin = connect(&server_url(), 1).await?;
+    let first: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&pool)
+        .await?;
+    let terminated: bool = sqlx::query_scalar("select pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(&admin)
+        .await?;
+    assert!(terminated);
+    // Idle past the check (1 s).
+    tokio::time::sleep(std::time::Duration::from_millis(1_300)).await;
+    let second: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&pool)
+        .await?;
+    assert_ne!(first, second, "a new connection replaced the dropped one");
+    Ok(())
+}
