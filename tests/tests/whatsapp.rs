@@ -439,6 +439,22 @@ async fn a_2000_recipient_campaign_messages_each_once_through_throttles_and_shuf
     assert_eq!(postgres_stats(&world, campaign).await, expected);
     assert_eq!(world.api_stats(campaign).await, expected);
     assert_eq!(world.campaign_status(campaign).await, "completed");
+    // Every send step's outbox row is finished: most by the step's own last statement, the
+    // rest by the worker.
+    wait_until(
+        "every send step finished in the outbox",
+        DEADLINE,
+        || async {
+            world
+                .scalar(
+                    "select count(*) from outbox where tenant_id = $1
+                   and queue = 'whatsapp_send' and completed_at is null",
+                )
+                .await
+                == 0
+        },
+    )
+    .await;
     for worker in &workers {
         worker.sigterm();
     }

@@ -73,6 +73,8 @@ where
             let Some(meta) = meta else { return result };
             let Some(id) = outbox_id(&meta) else { return result };
             match &result {
+                // The handler finished the outbox row in its own last statement.
+                Ok(_) if meta.outcome_recorded() => {}
                 Ok(_) => {
                     // Until Postgres has the outcome, report a retry: the handler is idempotent,
                     // and a job that Postgres still calls pending must not vanish from Redis.

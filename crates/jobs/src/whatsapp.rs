@@ -412,14 +412,19 @@ fn until(wait: Duration) -> u64 {
 }
 
 pub async fn send(job: WhatsAppSend, meta: JobMeta, deps: Data<Deps>) -> Result<(), JobError> {
-    run_send(
+    let finished = run_send(
         &deps,
         meta.tenant,
         meta.id.as_str(),
+        crate::durable::outbox_id(&meta),
         &job,
         meta.is_last_attempt(),
     )
-    .await
+    .await?;
+    if finished {
+        meta.record_outcome();
+    }
+    Ok(())
 }
 
 /// The template message for a recipient: its parameters split by the template's columns.
@@ -483,13 +488,18 @@ async fn connection(pool: &PgPool) -> Result<PoolConnection<Postgres>, JobError>
 ///   (130429, 429) and the job deferred; refused → `failed` with Meta's code; no answer →
 ///   `unknown`; Meta unreachable or 5xx → attempt undone and retried (recorded `failed` on the
 ///   last attempt).
+///
+/// `outbox`: the job's outbox row, when it has one. A run that ends by settling a send
+/// finishes it in its last statement (with the campaign's completion) and returns `Ok(true)`;
+/// `Ok(false)`: the caller still has to.
 pub async fn run_send(
     deps: &Deps,
     tenant: TenantId,
     job_id: &str,
+    outbox: Option<Uuid>,
     job: &WhatsAppSend,
     last_attempt: bool,
-) -> Result<(), JobError> {
+) -> Result<bool, JobError> {
     let pool = &deps.pool;
     // The job names its reservation: a deferred job comes back to its own slot, and a job
     // re-delivered after a crash finds it too.
@@ -525,16 +535,16 @@ pub async fn run_send(
                     send = %send.id, "send step re-delivered after its attempt: marked unknown, not resent");
             }
             release_dead_slot().await;
-            complete_if_done(&mut *conn, tenant, job.campaign_id).await?;
+            return complete_if_done(&mut *conn, tenant, job.campaign_id, outbox).await;
         }
-        return Ok(());
+        return Ok(false);
     }
     if !matches!(
         ctx.campaign_status,
         CampaignStatus::Sending | CampaignStatus::Completed
     ) {
         release_dead_slot().await;
-        return Ok(());
+        return Ok(false);
     }
     let Some(settings) = ctx.settings.clone() else {
         return Err(JobError::retry(
@@ -568,6 +578,7 @@ pub async fn run_send(
         whatsapp,
         tenant,
         job_id,
+        outbox,
         job,
         last_attempt,
     };
@@ -584,25 +595,28 @@ struct Step<'a> {
     whatsapp: &'a WhatsApp,
     tenant: TenantId,
     job_id: &'a str,
+    /// The job's outbox row, finished with the campaign's completion check.
+    outbox: Option<Uuid>,
     job: &'a WhatsAppSend,
     last_attempt: bool,
 }
 
 /// The attempt proper, under the job's concurrency slot: record it on `conn` (given back
 /// before Meta is called), call Meta, record the answer and complete the campaign if it was
-/// the last, on one connection.
+/// the last (and the job), on one connection. `Ok(true)`: the job's outbox row is finished.
 async fn attempt(
     step: &Step<'_>,
     mut conn: PoolConnection<Postgres>,
     ctx: &SendContext,
     settings: &messages::WhatsAppSettings,
     sender: &Sender,
-) -> Result<(), JobError> {
+) -> Result<bool, JobError> {
     let Step {
         pool,
         whatsapp,
         tenant,
         job_id,
+        outbox,
         job,
         last_attempt,
     } = *step;
@@ -617,7 +631,7 @@ async fn attempt(
     .map_err(store_error)?
     {
         Begin::Started(send_id) => send_id,
-        Begin::Taken | Begin::NotSending(_) => return Ok(()),
+        Begin::Taken | Begin::NotSending(_) => return Ok(false),
     };
     drop(conn);
     let message = message_for(ctx, send_id);
@@ -644,7 +658,7 @@ async fn attempt(
                 },
             )
             .await?;
-            complete_if_done(&mut *conn, tenant, job.campaign_id).await?;
+            complete_if_done(&mut *conn, tenant, job.campaign_id, outbox).await
         }
         Err(meta::Error::Throttled { kind, wait, code }) => {
             undo().await?;
@@ -654,10 +668,10 @@ async fn attempt(
             {
                 tracing::warn!(error = %e, "holding a throttled WhatsApp number back failed");
             }
-            return Err(JobError::defer_until(
+            Err(JobError::defer_until(
                 format!("rate limit: WhatsApp throttled the send ({kind:?}, code {code:?})"),
                 until_ms,
-            ));
+            ))
         }
         Err(error @ (meta::Error::Rejected { .. } | meta::Error::Unauthorized { .. })) => {
             let mut conn = connection(pool).await?;
@@ -669,14 +683,14 @@ async fn attempt(
                 failure(&error),
             )
             .await?;
-            complete_if_done(&mut *conn, tenant, job.campaign_id).await?;
+            complete_if_done(&mut *conn, tenant, job.campaign_id, outbox).await
         }
         Err(error @ meta::Error::Ambiguous(_)) => {
             sends::mark_unknown(pool, tenant, send_id)
                 .await
                 .map_err(store_error)?;
             tracing::warn!(%tenant, send = %send_id, %error, "WhatsApp send outcome unknown; left to status webhooks");
-            complete_if_done(pool, tenant, job.campaign_id).await?;
+            complete_if_done(pool, tenant, job.campaign_id, outbox).await
         }
         Err(error @ (meta::Error::NotSent(_) | meta::Error::Server { .. })) => {
             if last_attempt {
@@ -689,14 +703,14 @@ async fn attempt(
                     failure(&error),
                 )
                 .await?;
-                complete_if_done(&mut *conn, tenant, job.campaign_id).await?;
+                // The job fails: its outbox row is the worker's to mark dead.
+                complete_if_done(&mut *conn, tenant, job.campaign_id, None).await?;
             } else {
                 undo().await?;
             }
-            return Err(JobError::retry(error.to_string()));
+            Err(JobError::retry(error.to_string()))
         }
     }
-    Ok(())
 }
 
 /// A failed send's record: Meta's error code and message.
@@ -708,18 +722,21 @@ fn failure(error: &meta::Error) -> StatusChange {
     }
 }
 
+/// Completes the campaign if this was its last send, and finishes `job` (the step's outbox row)
+/// in the same statement. `Ok(true)`: there was a row to finish.
 async fn complete_if_done<'c>(
     conn: impl sqlx::PgExecutor<'c>,
     tenant: TenantId,
     campaign: Uuid,
-) -> Result<(), JobError> {
-    if messages::complete_if_done(conn, tenant, campaign)
+    job: Option<Uuid>,
+) -> Result<bool, JobError> {
+    if messages::complete_if_done(conn, tenant, campaign, job)
         .await
         .map_err(store_error)?
     {
         tracing::info!(%tenant, %campaign, "message campaign complete");
     }
-    Ok(())
+    Ok(job.is_some())
 }
 
 // ---------------------------------------------------------------------------------------------

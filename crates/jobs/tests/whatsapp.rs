@@ -142,11 +142,15 @@ async fn run_job(deps: &Deps, tenant: TenantId, id: Uuid, payload: Value) -> (u6
     let (mut deferred, mut attempt) = (0, 1);
     loop {
         let last = attempt >= WhatsAppSend::MAX_ATTEMPTS;
-        match whatsapp::run_send(deps, tenant, &job_id, &job, last).await {
-            Ok(()) => {
-                outbox::mark_completed(&deps.pool, tenant, id)
-                    .await
-                    .unwrap();
+        match whatsapp::run_send(deps, tenant, &job_id, Some(id), &job, last).await {
+            Ok(finished) => {
+                // As the worker does: the run finished the job's outbox row itself, or the
+                // worker finishes it.
+                if !finished {
+                    outbox::mark_completed(&deps.pool, tenant, id)
+                        .await
+                        .unwrap();
+                }
                 return (deferred, u64::from(attempt - 1));
             }
             Err(JobError::Defer { until_ms, .. }) => {
@@ -382,21 +386,35 @@ async fn a_crash_between_attempt_and_record_leaves_unknown_until_a_webhook_settl
     };
     client.send_template(&account, &message).await.unwrap();
     // The job is re-delivered: it must not send again.
-    whatsapp::run_send(&deps, tenant, &job1_key, job1, false)
+    whatsapp::run_send(&deps, tenant, &job1_key, None, job1, false)
         .await
         .unwrap();
     // Job 2: Meta takes the message but its answer never arrives in time.
     fake.state()
         .inject([Fault::AcceptThenStall(Duration::from_secs(2))]);
     let (job2_id, job2) = &jobs[1];
-    whatsapp::run_send(&deps, tenant, &job2_id.simple().to_string(), job2, false)
-        .await
-        .unwrap();
+    whatsapp::run_send(
+        &deps,
+        tenant,
+        &job2_id.simple().to_string(),
+        None,
+        job2,
+        false,
+    )
+    .await
+    .unwrap();
     // Job 3 runs normally.
     let (job3_id, job3) = &jobs[2];
-    whatsapp::run_send(&deps, tenant, &job3_id.simple().to_string(), job3, false)
-        .await
-        .unwrap();
+    whatsapp::run_send(
+        &deps,
+        tenant,
+        &job3_id.simple().to_string(),
+        None,
+        job3,
+        false,
+    )
+    .await
+    .unwrap();
 
     assert_eq!(fake.messages().len(), 3, "each recipient messaged once");
     assert!(per_recipient(&fake).values().all(|n| *n == 1));

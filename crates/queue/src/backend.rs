@@ -116,12 +116,26 @@ pub struct JobMeta {
     /// Postgres holds this job's outbox row.
     pub durable: bool,
     pub(crate) token: String,
+    /// Set by [`JobMeta::record_outcome`]; shared by every clone of this run's meta.
+    outcome_recorded: Arc<AtomicBool>,
 }
 
 impl JobMeta {
     /// Whether a failure now would dead-letter the job.
     pub fn is_last_attempt(&self) -> bool {
         self.attempt >= self.max_attempts
+    }
+
+    /// The handler recorded this run's success in Postgres itself (its outbox row is finished,
+    /// in the same statement as its last write): the layers around it need not record it again.
+    /// Seen through every clone of the meta the run was given.
+    pub fn record_outcome(&self) {
+        self.outcome_recorded.store(true, Ordering::Release);
+    }
+
+    /// Whether the handler called [`JobMeta::record_outcome`].
+    pub fn outcome_recorded(&self) -> bool {
+        self.outcome_recorded.load(Ordering::Acquire)
     }
 }
 
@@ -716,6 +730,7 @@ impl<Args: JobPayload> Driver<Args> {
             max_attempts: job.max_attempts,
             durable: job.durable,
             token: job.token.clone(),
+            outcome_recorded: Arc::default(),
         };
         let task = TaskBuilder::new(args)
             .task_id(TaskId::from_string(id.as_str()))

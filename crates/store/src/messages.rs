@@ -1454,27 +1454,44 @@ pub async fn abandon_send(
     Ok(true)
 }
 
+/// [`complete_if_done`]'s statement: $1 tenant, $2 campaign, $3 the send step's outbox row or
+/// null. The outbox row is finished as [`crate::outbox::mark_completed`] does (found by its
+/// key, never walking the in-flight rows).
+const COMPLETE_IF_DONE: &str = "with job as (
+             update outbox set completed_at = now()
+             where id = $3 and tenant_id = $1 and coalesce(completed_at, dead_at) is null
+             returning id
+         ), completed as (
+             update message_campaigns c set status = 'completed', completed_at = now(), updated_at = now()
+             where c.tenant_id = $1 and c.id = $2 and c.status = 'sending'
+               and not exists (select 1 from message_recipients r
+                               where r.tenant_id = $1 and r.campaign_id = $2 and r.send_id is null)
+               and not exists (select 1 from sends s
+                               join message_recipients r on r.tenant_id = s.tenant_id and r.send_id = s.id
+                               where s.tenant_id = $1 and s.status = 'attempting' and r.campaign_id = $2)
+             returning c.id
+         )
+         select count(*) from completed";
+
 /// Sending → completed once no recipient is pending or attempting. Returns whether this call
 /// completed it.
+///
+/// `job`: the outbox row of the send step calling this as its last write, finished in the
+/// same statement (one commit for both; the step then tells its worker not to finish it again).
+/// This must run after the step's own send is settled and committed, never in its statement:
+/// the last two steps of a campaign, settling at once, would each see the other attempting.
 pub async fn complete_if_done<'c>(
     conn: impl sqlx::PgExecutor<'c>,
     tenant: TenantId,
     campaign_id: Uuid,
+    job: Option<Uuid>,
 ) -> Result<bool, Error> {
-    let done = sqlx::query(
-        "update message_campaigns c set status = 'completed', completed_at = now(), updated_at = now()
-         where c.tenant_id = $1 and c.id = $2 and c.status = 'sending'
-           and not exists (select 1 from message_recipients r
-                           where r.tenant_id = $1 and r.campaign_id = $2 and r.send_id is null)
-           and not exists (select 1 from sends s
-                           join message_recipients r on r.tenant_id = s.tenant_id and r.send_id = s.id
-                           where s.tenant_id = $1 and s.status = 'attempting' and r.campaign_id = $2)",
-    )
-    .bind(tenant.0)
-    .bind(campaign_id)
-    .execute(conn)
-    .await?
-    .rows_affected();
+    let done: i64 = sqlx::query_scalar(COMPLETE_IF_DONE)
+        .bind(tenant.0)
+        .bind(campaign_id)
+        .bind(job)
+        .fetch_one(conn)
+        .await?;
     Ok(done == 1)
 }
 
@@ -1629,6 +1646,55 @@ mod plan_tests {
             discarded > 0,
             "the old statement discarded {discarded} rows"
         );
+    }
+
+    /// The completion check finishes the send step's outbox row by its key, in the same
+    /// statement, whether or not the campaign is done.
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn the_completion_check_finishes_the_steps_outbox_row(pool: PgPool) {
+        let tenant = crate::tenants::create(&pool, "acme", "UTC")
+            .await
+            .unwrap()
+            .0
+            .id;
+        let (campaign, _) = sending_campaign(&pool, tenant, 10).await;
+        let jobs: Vec<crate::outbox::NewOutboxJob> = (0..400)
+            .map(|n| crate::outbox::NewOutboxJob {
+                queue: herald_core::QueueName::try_from("whatsapp_send".to_owned()).unwrap(),
+                payload: json!({ "n": n }),
+                payload_version: 1,
+                priority: herald_core::Priority::default(),
+                max_attempts: None,
+                run_at: None,
+                job_key: None,
+            })
+            .collect();
+        let mut tx = pool.begin().await.unwrap();
+        let ids = crate::outbox::insert_many(&mut tx, tenant, &jobs)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let job = ids[200];
+        let args = [uuid(tenant.0), uuid(campaign), uuid(job)];
+        assert_eq!(
+            rows_read_from(&pool, COMPLETE_IF_DONE, &args, "outbox").await,
+            1
+        );
+
+        // Recipients are still pending: the campaign goes on, the job is finished.
+        assert!(
+            !complete_if_done(&pool, tenant, campaign, Some(job))
+                .await
+                .unwrap()
+        );
+        let finished: Vec<Uuid> = sqlx::query_scalar(
+            "select id from outbox where tenant_id = $1 and completed_at is not null",
+        )
+        .bind(tenant.0)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(finished, vec![job]);
     }
 
     /// The send context joined plainly, as it was: what the test below shows walking.

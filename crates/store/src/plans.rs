@@ -74,11 +74,17 @@ async fn generic_plan(pool: &PgPool, sql: &str, types: &[&str], args: &[String])
     plan
 }
 
-/// The actual rows of the plan's scans of `relation`, each times its node's loops.
+/// The actual rows of the plan's scans of `relation` (not the rows it updates), each times its
+/// node's loops.
 fn read_from(plan: &Value, relation: &str) -> u64 {
     match plan {
         Value::Object(node) => {
-            let own = if node.get("Relation Name").and_then(Value::as_str) == Some(relation) {
+            let scan = node
+                .get("Node Type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.contains("Scan"));
+            let own = if scan && node.get("Relation Name").and_then(Value::as_str) == Some(relation)
+            {
                 let rows = node.get("Actual Rows").and_then(Value::as_u64).unwrap_or(0);
                 let loops = node
                     .get("Actual Loops")
