@@ -211,13 +211,15 @@ pub struct WhatsApp {
     senders: Arc<Mutex<HashMap<(TenantId, Uuid), Sender>>>,
 }
 
-/// A campaign's sender number, the limit its steps are admitted at and the cap on admissions.
+/// A campaign's sender number, the limit its steps are admitted at and the cap on admissions,
+/// and the campaign's concurrency when it was remembered.
 #[derive(Clone, Debug)]
 struct Sender {
     key: LimitKey,
     cap: LimitKey,
     phone_number_id: String,
     rate_per_sec: u32,
+    concurrency: u32,
 }
 
 impl WhatsApp {
@@ -284,6 +286,7 @@ impl WhatsApp {
         campaign: Uuid,
         phone_number_id: &str,
         rate_per_sec: u32,
+        concurrency: u32,
     ) -> Result<Sender, herald_admission::Error> {
         let name = format!("whatsapp:{tenant}:{phone_number_id}");
         let sender = Sender {
@@ -293,6 +296,7 @@ impl WhatsApp {
                 .key(&format!("{name}:admitted"), rate_cap(rate_per_sec)?)?,
             phone_number_id: phone_number_id.to_owned(),
             rate_per_sec,
+            concurrency,
         };
         let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
         if senders.len() >= REMEMBERED_SENDERS && !senders.contains_key(&(tenant, campaign)) {
@@ -513,9 +517,71 @@ pub async fn run_send(
         None => None,
     };
     let mut conn = connection(pool).await?;
-    let ctx = messages::send_context(&mut *conn, tenant, job.campaign_id, job.recipient_id)
-        .await
-        .map_err(store_error)?;
+    let mut claimed_context = None;
+    if let (Some(whatsapp), Some(sender)) = (deps.whatsapp.as_deref(), admitted_on.as_ref()) {
+        // Admitted on a sender this process knows: claim the recipient and read its context in
+        // one statement. Without a claim, go on from the context as below.
+        whatsapp
+            .take_concurrency_slot(tenant, job.campaign_id, job_id, sender.concurrency)
+            .await?;
+        let expected = messages::Expected {
+            phone_number_id: &sender.phone_number_id,
+            rate_per_sec: sender.rate_per_sec,
+            concurrency: sender.concurrency,
+        };
+        let claim = messages::claim_send(
+            &mut *conn,
+            tenant,
+            job.campaign_id,
+            job.recipient_id,
+            job_id,
+            expected,
+        )
+        .await;
+        match claim {
+            Ok((ctx, Some(send_id))) => {
+                drop(conn);
+                let step = Step {
+                    pool,
+                    whatsapp,
+                    tenant,
+                    job_id,
+                    outbox,
+                    job,
+                    last_attempt,
+                };
+                let outcome = match &ctx.settings {
+                    Some(settings) => call_and_record(&step, &ctx, settings, sender, send_id).await,
+                    // The claim matched the tenant's number, so its settings exist.
+                    None => Err(JobError::retry(
+                        "WhatsApp settings vanished during the send",
+                    )),
+                };
+                whatsapp
+                    .release_concurrency_slot(tenant, job.campaign_id, job_id)
+                    .await;
+                return outcome;
+            }
+            Ok((ctx, None)) => {
+                whatsapp
+                    .release_concurrency_slot(tenant, job.campaign_id, job_id)
+                    .await;
+                claimed_context = Some(ctx);
+            }
+            Err(e) => {
+                whatsapp
+                    .release_concurrency_slot(tenant, job.campaign_id, job_id)
+                    .await;
+                return Err(store_error(e));
+            }
+        }
+    }
+    let ctx = match claimed_context {
+        Some(ctx) => ctx,
+        None => messages::send_context(&mut *conn, tenant, job.campaign_id, job.recipient_id)
+            .await
+            .map_err(store_error)?,
+    };
     // A delivery that died may have held a concurrency slot (named by the job id): a
     // re-delivery that ends here gives it back.
     let release_dead_slot = || async {
@@ -560,6 +626,7 @@ pub async fn run_send(
             job.campaign_id,
             &settings.phone_number_id,
             ctx.rate_per_sec,
+            ctx.concurrency,
         )
         .map_err(|e| JobError::permanent(format!("rate limit: {e}")))?;
     // Admitted on the remembered sender, unless the tenant's number or the campaign's rate
@@ -604,6 +671,8 @@ struct Step<'a> {
 /// The attempt proper, under the job's concurrency slot: record it on `conn` (given back
 /// before Meta is called), call Meta, record the answer and complete the campaign if it was
 /// the last (and the job), on one connection. `Ok(true)`: the job's outbox row is finished.
+/// A step admitted on a remembered sender begins its send with its read
+/// ([`messages::claim_send`]) and goes straight to [`call_and_record`].
 async fn attempt(
     step: &Step<'_>,
     mut conn: PoolConnection<Postgres>,
@@ -612,13 +681,10 @@ async fn attempt(
     sender: &Sender,
 ) -> Result<bool, JobError> {
     let Step {
-        pool,
-        whatsapp,
         tenant,
         job_id,
-        outbox,
         job,
-        last_attempt,
+        ..
     } = *step;
     let send_id = match messages::begin_send(
         &mut *conn,
@@ -634,6 +700,26 @@ async fn attempt(
         Begin::Taken | Begin::NotSending(_) => return Ok(false),
     };
     drop(conn);
+    call_and_record(step, ctx, settings, sender, send_id).await
+}
+
+/// Calls Meta for the send begun as `send_id` and records the answer (see [`attempt`]).
+async fn call_and_record(
+    step: &Step<'_>,
+    ctx: &SendContext,
+    settings: &messages::WhatsAppSettings,
+    sender: &Sender,
+    send_id: Uuid,
+) -> Result<bool, JobError> {
+    let Step {
+        pool,
+        whatsapp,
+        tenant,
+        outbox,
+        job,
+        last_attempt,
+        ..
+    } = *step;
     let message = message_for(ctx, send_id);
     let outcome = whatsapp
         .client

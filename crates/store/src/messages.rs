@@ -1255,12 +1255,16 @@ struct ContextRecord {
     settings_verify_token: Option<String>,
 }
 
-/// [`send_context`]'s statement: $1 tenant, $2 recipient. Each row it adds to the recipient
+/// The send context's select: $1 tenant, `$recipient` the recipient's parameter ([`send_context`]
+/// and [`claim_send`] share it). Each row it adds to the recipient
 /// is looked up by its key, inside a lateral subquery the planner cannot flatten (`offset 0`):
 /// joined plainly, a plan made while the statistics knew few of the tenant's sends (or
 /// campaigns) joins by the tenant alone and filters every one of them for the recipient's
 /// (measured: 15,000 sends read per context at 16,000 sends).
-const SEND_CONTEXT: &str = "select r.campaign_id, c.status as campaign_status, c.rate_per_sec, c.concurrency, r.phone, r.params,
+macro_rules! send_context_select {
+    ($recipient:literal) => {
+        concat!(
+            "select r.campaign_id, c.status as campaign_status, c.rate_per_sec, c.concurrency, r.phone, r.params,
                 t.id, t.name, t.language, t.components, t.header_params, t.body_params,
                 t.button_url_params, t.created_at,
                 s.id as send_id, s.channel as send_channel, s.job_id as send_job_id,
@@ -1284,7 +1288,13 @@ const SEND_CONTEXT: &str = "select r.campaign_id, c.status as campaign_status, c
          left join lateral (
              select w.api_url, w.token, w.phone_number_id, w.app_secret, w.verify_token
              from whatsapp_settings w where w.tenant_id = r.tenant_id offset 0) w on true
-         where r.tenant_id = $1 and r.id = $2";
+         where r.tenant_id = $1 and r.id = ",
+            $recipient
+        )
+    };
+}
+
+const SEND_CONTEXT: &str = send_context_select!("$2");
 
 /// The send step's view of a recipient of the tenant's campaign, in one query (a send step
 /// reads it on every run, up to a thousand times a second per number). `conn` is a pool or a
@@ -1307,6 +1317,12 @@ pub async fn send_context<'c>(
         .await?
         .filter(|record: &ContextRecord| record.campaign_id == campaign_id)
         .ok_or_else(|| Error::not_found(format!("recipient {recipient_id}")))?;
+    context_from(record, recipient_id)
+}
+
+/// The send context a [`ContextRecord`] of `recipient_id` describes.
+fn context_from(record: ContextRecord, recipient_id: Uuid) -> Result<SendContext, Error> {
+    let campaign_id = record.campaign_id;
     let params: Vec<String> =
         serde_json::from_value(record.params).map_err(|e| Error::Corrupt {
             what: "message recipient",
@@ -1427,6 +1443,80 @@ pub async fn begin_send<'c>(
     } else {
         Begin::Taken
     })
+}
+
+/// What a send step expects of its campaign when it claims a recipient without reading first:
+/// the sender it was admitted on and the concurrency it holds a slot under.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    pub phone_number_id: &'a str,
+    pub rate_per_sec: u32,
+    pub concurrency: u32,
+}
+
+/// [`claim_send`]'s statement: $1 tenant, $2 campaign, $3 recipient, $4 the new send id,
+/// $5 channel, $6 job id, $7–$9 the [`Expected`] number, rate and concurrency. The context
+/// is read once (a materialised CTE); the recipient's update locks its row and checks "no send
+/// yet" again on the row it locked, as [`begin_send`]'s does.
+const CLAIM_SEND: &str = concat!(
+    "with ctx as (",
+    send_context_select!("$3"),
+    "), claimed as (
+         update message_recipients set send_id = $4
+         where tenant_id = $1 and id = $3 and coalesce(send_id, $4) = $4
+           and exists (select 1 from ctx
+                       where ctx.campaign_id = $2 and ctx.send_id is null
+                         and ctx.campaign_status in ('sending', 'completed')
+                         and ctx.settings_phone_number_id = $7
+                         and ctx.rate_per_sec = $8 and ctx.concurrency = $9)
+         returning id
+     ), recorded as (
+         insert into sends (tenant_id, id, channel, job_id)
+         select $1, $4, $5, $6 from claimed
+         returning id
+     )
+     select ctx.*, (select count(*) from recorded) as started from ctx"
+);
+
+#[derive(sqlx::FromRow)]
+struct ClaimRecord {
+    #[sqlx(flatten)]
+    context: ContextRecord,
+    started: i64,
+}
+
+/// [`send_context`] and [`begin_send`] in one statement, for a send step already admitted on
+/// the sender it `expected`: the recipient's send is begun (`attempting`, by `job_id`) only if
+/// the campaign is sending, the recipient has none, and the campaign's number, rate and
+/// concurrency are still the expected ones. Returns the context as it was read, and the new
+/// send's id when one was begun; without one, the caller goes on from the context as after
+/// [`send_context`] (a re-delivered job, a paused campaign, a changed number…).
+pub async fn claim_send<'c>(
+    conn: impl sqlx::PgExecutor<'c>,
+    tenant: TenantId,
+    campaign_id: Uuid,
+    recipient_id: Uuid,
+    job_id: &str,
+    expected: Expected<'_>,
+) -> Result<(SendContext, Option<Uuid>), Error> {
+    let send_id = Uuid::now_v7();
+    let record: ClaimRecord = sqlx::query_as(CLAIM_SEND)
+        .bind(tenant.0)
+        .bind(campaign_id)
+        .bind(recipient_id)
+        .bind(send_id)
+        .bind(CHANNEL)
+        .bind(job_id)
+        .bind(expected.phone_number_id)
+        .bind(i32::try_from(expected.rate_per_sec).unwrap_or(i32::MAX))
+        .bind(i32::try_from(expected.concurrency).unwrap_or(i32::MAX))
+        .fetch_optional(conn)
+        .await
+        .map_err(crate::error::tenant_must_exist)?
+        .filter(|record: &ClaimRecord| record.context.campaign_id == campaign_id)
+        .ok_or_else(|| Error::not_found(format!("recipient {recipient_id}")))?;
+    let started = (record.started == 1).then_some(send_id);
+    Ok((context_from(record.context, recipient_id)?, started))
 }
 
 /// Undoes a send the provider certainly did not act on: the send is deleted and the recipient
@@ -1787,6 +1877,22 @@ mod plan_tests {
             .await
             .unwrap();
         assert_eq!(ctx.send.map(|s| s.job_id), Some("job-200".to_owned()));
+        // Claiming reads the same way, and finds the recipient by its key to update it.
+        let claim = [
+            uuid(acme.0),
+            uuid(campaign),
+            uuid(recipients[200]),
+            uuid(Uuid::now_v7()),
+            format!("'{CHANNEL}'"),
+            "'job-x'".to_owned(),
+            "'p'".to_owned(),
+            "50".to_owned(),
+            "1".to_owned(),
+        ];
+        assert_eq!(rows_read_from(&pool, CLAIM_SEND, &claim, "sends").await, 1);
+        // The context's read, and the claim's when it gets that far (not here: a send exists).
+        let read = rows_read_from(&pool, CLAIM_SEND, &claim, "message_recipients").await;
+        assert!(read <= 2, "the claim read {read} recipients");
         // The joined statement walked the tenant's sends up to the recipient's (201 of them).
         let read = rows_read_from(&pool, JOINED_CONTEXT, &context, "sends").await;
         assert!(read > 100, "the joined statement read {read} sends");

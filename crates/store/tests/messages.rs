@@ -146,3 +146,136 @@ async fn concurrent_attempts_at_one_recipient_begin_once(pool: PgPool) {
         Begin::NotSending(CampaignStatus::Paused)
     );
 }
+
+/// Claiming reads the context and begins the send in one statement, only while the campaign
+/// still has the number, rate and concurrency the step was admitted under; concurrent claims of
+/// one recipient begin once; a paused campaign is never claimed.
+#[sqlx::test(migrator = "herald_store::MIGRATOR")]
+async fn a_claim_begins_a_send_only_on_the_expected_sender(pool: PgPool) {
+    let tenant = tenants::create(&pool, "acme", "UTC").await.unwrap().0.id;
+    messages::put_settings(
+        &pool,
+        tenant,
+        &messages::WhatsAppSettings {
+            api_url: None,
+            token: "token".into(),
+            phone_number_id: "106540352242922".into(),
+            app_secret: "secret".into(),
+            verify_token: "verify".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let (campaign, recipients) = sending_campaign(&pool, tenant, 3).await;
+    let expected = messages::Expected {
+        phone_number_id: "106540352242922",
+        rate_per_sec: 50,
+        concurrency: 1,
+    };
+
+    // Another number, rate or concurrency: the context, and no send.
+    for stale in [
+        messages::Expected {
+            phone_number_id: "999",
+            ..expected
+        },
+        messages::Expected {
+            rate_per_sec: 80,
+            ..expected
+        },
+        messages::Expected {
+            concurrency: 5,
+            ..expected
+        },
+    ] {
+        let (ctx, started) =
+            messages::claim_send(&pool, tenant, campaign, recipients[0], "job-0", stale)
+                .await
+                .unwrap();
+        assert_eq!(started, None, "{stale:?}");
+        assert!(ctx.send.is_none());
+        assert_eq!(ctx.params, vec!["#0".to_owned()]);
+    }
+
+    // The expected sender: begun, by this job, as attempting.
+    let (ctx, started) =
+        messages::claim_send(&pool, tenant, campaign, recipients[0], "job-0", expected)
+            .await
+            .unwrap();
+    let send_id = started.expect("begun");
+    assert_eq!(ctx.phone, "15550100000");
+    let send = sends::get(&pool, tenant, send_id).await.unwrap().unwrap();
+    assert_eq!(
+        (send.job_id.as_str(), send.status),
+        ("job-0", sends::SendStatus::Attempting)
+    );
+    // Claimed again (a re-delivery): the context shows the send, nothing new begins.
+    let (ctx, started) =
+        messages::claim_send(&pool, tenant, campaign, recipients[0], "job-0", expected)
+            .await
+            .unwrap();
+    assert_eq!(started, None);
+    assert_eq!(ctx.send.map(|s| s.id), Some(send_id));
+
+    // Eight jobs claim one recipient at once: one begins.
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let pool = pool.clone();
+            let recipient = recipients[1];
+            tokio::spawn(async move {
+                let expected = messages::Expected {
+                    phone_number_id: "106540352242922",
+                    rate_per_sec: 50,
+                    concurrency: 1,
+                };
+                messages::claim_send(
+                    &pool,
+                    tenant,
+                    campaign,
+                    recipient,
+                    &format!("job-{i}"),
+                    expected,
+                )
+                .await
+                .unwrap()
+                .1
+            })
+        })
+        .collect();
+    let mut begun = 0;
+    for task in tasks {
+        begun += usize::from(task.await.unwrap().is_some());
+    }
+    assert_eq!(begun, 1);
+
+    // Another campaign's id: not found. A paused campaign: nothing begins.
+    assert!(
+        messages::claim_send(
+            &pool,
+            tenant,
+            Uuid::now_v7(),
+            recipients[2],
+            "job-x",
+            expected
+        )
+        .await
+        .is_err()
+    );
+    let mut tx = pool.begin().await.unwrap();
+    messages::pause(&mut tx, tenant, campaign).await.unwrap();
+    tx.commit().await.unwrap();
+    let (ctx, started) =
+        messages::claim_send(&pool, tenant, campaign, recipients[2], "job-2", expected)
+            .await
+            .unwrap();
+    assert_eq!(
+        (ctx.campaign_status, started),
+        (CampaignStatus::Paused, None)
+    );
+    let sends: i64 = sqlx::query_scalar("select count(*) from sends where tenant_id = $1")
+        .bind(tenant.0)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sends, 2);
+}
