@@ -516,6 +516,15 @@ pub async fn run_send(
         }
         None => None,
     };
+    let step_on = |whatsapp| Step {
+        pool,
+        whatsapp,
+        tenant,
+        job_id,
+        outbox,
+        job,
+        last_attempt,
+    };
     let mut conn = connection(pool).await?;
     let mut claimed_context = None;
     if let (Some(whatsapp), Some(sender)) = (deps.whatsapp.as_deref(), admitted_on.as_ref()) {
@@ -541,15 +550,7 @@ pub async fn run_send(
         match claim {
             Ok((ctx, Some(send_id))) => {
                 drop(conn);
-                let step = Step {
-                    pool,
-                    whatsapp,
-                    tenant,
-                    job_id,
-                    outbox,
-                    job,
-                    last_attempt,
-                };
+                let step = step_on(whatsapp);
                 let outcome = match &ctx.settings {
                     Some(settings) => call_and_record(&step, &ctx, settings, sender, send_id).await,
                     // The claim matched the tenant's number, so its settings exist.
@@ -640,15 +641,7 @@ pub async fn run_send(
     whatsapp
         .take_concurrency_slot(tenant, job.campaign_id, job_id, ctx.concurrency)
         .await?;
-    let step = Step {
-        pool,
-        whatsapp,
-        tenant,
-        job_id,
-        outbox,
-        job,
-        last_attempt,
-    };
+    let step = step_on(whatsapp);
     let outcome = attempt(&step, conn, &ctx, &settings, &sender).await;
     whatsapp
         .release_concurrency_slot(tenant, job.campaign_id, job_id)
@@ -760,16 +753,7 @@ async fn call_and_record(
             ))
         }
         Err(error @ (meta::Error::Rejected { .. } | meta::Error::Unauthorized { .. })) => {
-            let mut conn = connection(pool).await?;
-            settle(
-                &mut conn,
-                tenant,
-                send_id,
-                SendStatus::Failed,
-                failure(&error),
-            )
-            .await?;
-            complete_if_done(&mut *conn, tenant, job.campaign_id, outbox).await
+            record_failure(step, send_id, &error, outbox).await
         }
         Err(error @ meta::Error::Ambiguous(_)) => {
             sends::mark_unknown(pool, tenant, send_id)
@@ -780,23 +764,34 @@ async fn call_and_record(
         }
         Err(error @ (meta::Error::NotSent(_) | meta::Error::Server { .. })) => {
             if last_attempt {
-                let mut conn = connection(pool).await?;
-                settle(
-                    &mut conn,
-                    tenant,
-                    send_id,
-                    SendStatus::Failed,
-                    failure(&error),
-                )
-                .await?;
                 // The job fails: its outbox row is the worker's to mark dead.
-                complete_if_done(&mut *conn, tenant, job.campaign_id, None).await?;
+                record_failure(step, send_id, &error, None).await?;
             } else {
                 undo().await?;
             }
             Err(JobError::retry(error.to_string()))
         }
     }
+}
+
+/// Records the send `failed` with Meta's error, then completes the campaign if it was the last
+/// (finishing `outbox` with it), on one connection.
+async fn record_failure(
+    step: &Step<'_>,
+    send_id: Uuid,
+    error: &meta::Error,
+    outbox: Option<Uuid>,
+) -> Result<bool, JobError> {
+    let mut conn = connection(step.pool).await?;
+    settle(
+        &mut conn,
+        step.tenant,
+        send_id,
+        SendStatus::Failed,
+        failure(error),
+    )
+    .await?;
+    complete_if_done(&mut *conn, step.tenant, step.job.campaign_id, outbox).await
 }
 
 /// A failed send's record: Meta's error code and message.

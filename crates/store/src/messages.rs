@@ -1679,47 +1679,25 @@ mod plan_tests {
     use super::*;
     use crate::plans::{rows_discarded, rows_read_from, uuid};
 
-    #[sqlx::test(migrator = "crate::MIGRATOR")]
-    async fn the_send_steps_statements_find_their_recipient_by_its_key(pool: PgPool) {
-        let tenant = crate::tenants::create(&pool, "acme", "UTC")
+    async fn acme(pool: &PgPool) -> TenantId {
+        crate::tenants::create(pool, "acme", "UTC")
             .await
             .unwrap()
             .0
-            .id;
-        let template = create_template(
-            &pool,
-            tenant,
-            "order_update",
-            "en_US",
-            &json!([{"type": "BODY", "text": "Order {{1}}"}]),
-        )
-        .await
-        .unwrap();
-        let rows = (0..400)
-            .map(|i| RecipientRow {
-                line: i + 2,
-                recipient: Ok(NewRecipient {
-                    country_code: "1".into(),
-                    phone: format!("1555{:07}", 100_000 + i),
-                    params: vec![format!("#{i}")],
-                }),
-            })
-            .collect();
-        let (campaign, _) = create_campaign(&pool, tenant, "launch", &template, rows)
-            .await
-            .unwrap();
-        let mut tx = pool.begin().await.unwrap();
-        let (_, recipients) = start_sending(&mut tx, tenant, campaign.id, 50, 1)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+            .id
+    }
+
+    #[sqlx::test(migrator = "crate::MIGRATOR")]
+    async fn the_send_steps_statements_find_their_recipient_by_its_key(pool: PgPool) {
+        let tenant = acme(&pool).await;
+        let (campaign, recipients) = sending_campaign(&pool, tenant, 400).await;
         let last = *recipients.last().unwrap();
 
         let context = [uuid(tenant.0), uuid(last)];
         assert_eq!(rows_discarded(&pool, SEND_CONTEXT, &context).await, 0);
         let begin = [
             uuid(tenant.0),
-            uuid(campaign.id),
+            uuid(campaign),
             uuid(last),
             uuid(Uuid::now_v7()),
             format!("'{CHANNEL}'"),
@@ -1742,11 +1720,7 @@ mod plan_tests {
     /// statement, whether or not the campaign is done.
     #[sqlx::test(migrator = "crate::MIGRATOR")]
     async fn the_completion_check_finishes_the_steps_outbox_row(pool: PgPool) {
-        let tenant = crate::tenants::create(&pool, "acme", "UTC")
-            .await
-            .unwrap()
-            .0
-            .id;
+        let tenant = acme(&pool).await;
         let (campaign, _) = sending_campaign(&pool, tenant, 10).await;
         let jobs: Vec<crate::outbox::NewOutboxJob> = (0..400)
             .map(|n| crate::outbox::NewOutboxJob {
