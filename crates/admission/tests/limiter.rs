@@ -609,22 +609,8 @@ async fn concurrent_reserving_callers_on_redis_time_keep_the_spacing() {
 /// Callers that all want the number at `t`, each deferred to its reserved instant and coming
 /// back for its `visit`-th time (1 for the first return) `late_by(job, visit)` ms after the
 /// instant it was given; events are played in time order on explicit instants. Returns the
-/// instants each was admitted at, sorted.
+/// instants each was admitted at, sorted, and how many times the callers asked in all.
 async fn late_reservations(
-    limiter: &RateLimiter,
-    key: &herald_admission::LimitKey,
-    cap: Option<&herald_admission::LimitKey>,
-    t: u64,
-    jobs: usize,
-    late_by: impl Fn(usize, u32) -> u64,
-) -> Vec<u64> {
-    late_reservations_counted(limiter, key, cap, t, jobs, late_by)
-        .await
-        .0
-}
-
-/// [`late_reservations`], also returning how many times the callers asked in all.
-async fn late_reservations_counted(
     limiter: &RateLimiter,
     key: &herald_admission::LimitKey,
     cap: Option<&herald_admission::LimitKey>,
@@ -692,7 +678,8 @@ async fn under_a_cap_late_reservations_never_bunch_the_admissions() {
         )
         .unwrap();
     let t = 1_900_000_000_000u64;
-    let admitted = late_reservations(&limiter, &number, Some(&cap), t, 200, stalled_worker).await;
+    let (admitted, _) =
+        late_reservations(&limiter, &number, Some(&cap), t, 200, stalled_worker).await;
     assert_eq!(admitted.len(), 200, "every job admitted once");
     assert!(max_in_any_window(&admitted, 1000) <= 50);
     // 200 slots 20.4 ms apart end near 199 × 20.4 ms; the stall moves the end by about its
@@ -706,7 +693,7 @@ async fn under_a_cap_late_reservations_never_bunch_the_admissions() {
     let number = limiter
         .key("whatsapp:number", Limit::per_second(50.0 / 1.02).unwrap())
         .unwrap();
-    let uncapped = late_reservations(&limiter, &number, None, t, 200, stalled_worker).await;
+    let (uncapped, _) = late_reservations(&limiter, &number, None, t, 200, stalled_worker).await;
     assert_eq!(uncapped.len(), 200);
     assert!(
         max_in_any_window(&uncapped, 1000) > 50,
@@ -747,7 +734,7 @@ async fn a_cap_bounds_a_fast_number_with_bursts() {
     let limiter = limiter().await;
     let cap = fast_cap(&limiter, "whatsapp:fast:admitted");
     let t = 1_900_000_000_000u64;
-    let admitted = late_reservations(
+    let (admitted, _) = late_reservations(
         &limiter,
         &number(&limiter),
         Some(&cap),
@@ -766,7 +753,7 @@ async fn a_cap_bounds_a_fast_number_with_bursts() {
     assert!(end <= 2_499 * 102 / 100 + 500, "ends at +{end} ms");
 
     let limiter = self::limiter().await;
-    let uncapped = late_reservations(
+    let (uncapped, _) = late_reservations(
         &limiter,
         &number(&limiter),
         None,
@@ -802,8 +789,7 @@ async fn a_crowd_the_cap_refuses_comes_back_in_line() {
     let t = 1_900_000_000_000u64;
     // 110 steps arrive at once (a worker catching up after a stall): the cap admits its burst
     // and refuses the rest.
-    let (admitted, asked) =
-        late_reservations_counted(&limiter, &number, Some(&cap), t, 110, jittery).await;
+    let (admitted, asked) = late_reservations(&limiter, &number, Some(&cap), t, 110, jittery).await;
     assert_eq!(admitted.len(), 110);
     assert!(max_in_any_window(&admitted, 1000) <= 1_000);
     // The refused are sent back in line, one cap interval apart, and nearly all are admitted

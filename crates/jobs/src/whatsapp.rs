@@ -528,52 +528,11 @@ pub async fn run_send(
     let mut conn = connection(pool).await?;
     let mut claimed_context = None;
     if let (Some(whatsapp), Some(sender)) = (deps.whatsapp.as_deref(), admitted_on.as_ref()) {
-        // Admitted on a sender this process knows: claim the recipient and read its context in
-        // one statement. Without a claim, go on from the context as below.
-        whatsapp
-            .take_concurrency_slot(tenant, job.campaign_id, job_id, sender.concurrency)
-            .await?;
-        let expected = messages::Expected {
-            phone_number_id: &sender.phone_number_id,
-            rate_per_sec: sender.rate_per_sec,
-            concurrency: sender.concurrency,
-        };
-        let claim = messages::claim_send(
-            &mut *conn,
-            tenant,
-            job.campaign_id,
-            job.recipient_id,
-            job_id,
-            expected,
-        )
-        .await;
-        match claim {
-            Ok((ctx, Some(send_id))) => {
-                drop(conn);
-                let step = step_on(whatsapp);
-                let outcome = match &ctx.settings {
-                    Some(settings) => call_and_record(&step, &ctx, settings, sender, send_id).await,
-                    // The claim matched the tenant's number, so its settings exist.
-                    None => Err(JobError::retry(
-                        "WhatsApp settings vanished during the send",
-                    )),
-                };
-                whatsapp
-                    .release_concurrency_slot(tenant, job.campaign_id, job_id)
-                    .await;
-                return outcome;
-            }
-            Ok((ctx, None)) => {
-                whatsapp
-                    .release_concurrency_slot(tenant, job.campaign_id, job_id)
-                    .await;
-                claimed_context = Some(ctx);
-            }
-            Err(e) => {
-                whatsapp
-                    .release_concurrency_slot(tenant, job.campaign_id, job_id)
-                    .await;
-                return Err(store_error(e));
+        match claim_and_send(&step_on(whatsapp), sender, conn).await? {
+            Claimed::Sent(finished) => return Ok(finished),
+            Claimed::NotBegun(ctx, returned) => {
+                claimed_context = Some(*ctx);
+                conn = returned;
             }
         }
     }
@@ -643,6 +602,69 @@ pub async fn run_send(
         .await?;
     let step = step_on(whatsapp);
     let outcome = attempt(&step, conn, &ctx, &settings, &sender).await;
+    whatsapp
+        .release_concurrency_slot(tenant, job.campaign_id, job_id)
+        .await;
+    outcome
+}
+
+/// What [`claim_and_send`] did.
+enum Claimed {
+    /// The send was begun and Meta called: the run's result (`true`: its outbox row finished).
+    Sent(bool),
+    /// Nothing was begun: the context as read, and the connection, to go on as after a read.
+    NotBegun(Box<SendContext>, PoolConnection<Postgres>),
+}
+
+/// A step admitted on a sender its worker remembers: takes the campaign's concurrency slot (at
+/// the remembered concurrency), claims the recipient and reads its context in one statement
+/// ([`messages::claim_send`]), and if a send was begun, gives `conn` back and calls Meta. The
+/// slot is given back either way.
+async fn claim_and_send(
+    step: &Step<'_>,
+    sender: &Sender,
+    mut conn: PoolConnection<Postgres>,
+) -> Result<Claimed, JobError> {
+    let Step {
+        whatsapp,
+        tenant,
+        job_id,
+        job,
+        ..
+    } = *step;
+    whatsapp
+        .take_concurrency_slot(tenant, job.campaign_id, job_id, sender.concurrency)
+        .await?;
+    let expected = messages::Expected {
+        phone_number_id: &sender.phone_number_id,
+        rate_per_sec: sender.rate_per_sec,
+        concurrency: sender.concurrency,
+    };
+    let claim = messages::claim_send(
+        &mut *conn,
+        tenant,
+        job.campaign_id,
+        job.recipient_id,
+        job_id,
+        expected,
+    )
+    .await;
+    let outcome = match claim {
+        Ok((ctx, Some(send_id))) => {
+            drop(conn);
+            match &ctx.settings {
+                Some(settings) => call_and_record(step, &ctx, settings, sender, send_id)
+                    .await
+                    .map(Claimed::Sent),
+                // The claim matched the tenant's number, so its settings exist.
+                None => Err(JobError::retry(
+                    "WhatsApp settings vanished during the send",
+                )),
+            }
+        }
+        Ok((ctx, None)) => Ok(Claimed::NotBegun(Box::new(ctx), conn)),
+        Err(e) => Err(store_error(e)),
+    };
     whatsapp
         .release_concurrency_slot(tenant, job.campaign_id, job_id)
         .await;

@@ -924,3 +924,29 @@ fn parse_cycle(reply: redis::Value) -> Result<(i64, Vec<i64>, Vec<FetchedJob>), 
     }
     Ok((next_due, results, jobs))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The outbox layer holds its own clone of the run's meta, taken before the handler's:
+    /// what the handler records must show through it.
+    #[test]
+    fn a_recorded_outcome_shows_through_every_clone_of_the_meta() {
+        let meta = JobMeta {
+            id: "0190f1b2c3d4".parse().unwrap(),
+            queue: "whatsapp_send".parse().unwrap(),
+            tenant: TenantId::new(),
+            attempt: 1,
+            max_attempts: 8,
+            durable: true,
+            token: "lease".into(),
+            outcome_recorded: Arc::default(),
+        };
+        let layers = meta.clone();
+        assert!(!layers.outcome_recorded());
+        meta.clone().record_outcome();
+        assert!(layers.outcome_recorded());
+        assert!(meta.outcome_recorded());
+    }
+}

@@ -75,11 +75,20 @@ fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// A namespace no other test uses.
+fn fresh_namespace() -> String {
+    format!("test-{}", uuid::Uuid::new_v4().simple())
+}
+
 async fn client() -> Client {
-    let settings = QueueSettings {
-        namespace: format!("test-{}", uuid::Uuid::new_v4().simple()),
+    client_with(QueueSettings {
+        namespace: fresh_namespace(),
         ..QueueSettings::default()
-    };
+    })
+    .await
+}
+
+async fn client_with(settings: QueueSettings) -> Client {
     Client::connect(RedisTarget::parse(&redis_url()).unwrap(), settings)
         .await
         .expect("redis reachable")
@@ -553,14 +562,12 @@ async fn prefetched_jobs_wait_for_a_slot_and_are_released_at_shutdown() {
 
 #[tokio::test]
 async fn with_no_completed_jobs_kept_a_job_goes_at_once_but_its_key_stays() {
-    let settings = QueueSettings {
-        namespace: format!("test-{}", uuid::Uuid::new_v4().simple()),
+    let client = client_with(QueueSettings {
+        namespace: fresh_namespace(),
         keep_completed: 0,
         ..QueueSettings::default()
-    };
-    let client = Client::connect(RedisTarget::parse(&redis_url()).unwrap(), settings)
-        .await
-        .unwrap();
+    })
+    .await;
     let q = client.queue(&"work".parse().unwrap());
     let t = TenantId::new();
     let seen = Arc::new(Seen::default());
@@ -689,14 +696,12 @@ async fn punctual_jobs_are_never_fetched_ahead_of_a_free_handler() {
 
 #[tokio::test]
 async fn a_delayed_job_wakes_an_idle_worker_to_learn_its_due_time() {
-    let namespace = format!("test-{}", uuid::Uuid::new_v4().simple());
-    let settings = QueueSettings {
+    let namespace = fresh_namespace();
+    let client = client_with(QueueSettings {
         namespace: namespace.clone(),
         ..QueueSettings::default()
-    };
-    let client = Client::connect(RedisTarget::parse(&redis_url()).unwrap(), settings)
-        .await
-        .unwrap();
+    })
+    .await;
     let q = client.queue(&"work".parse().unwrap());
     let t = TenantId::new();
     let notify = format!(

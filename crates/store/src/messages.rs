@@ -1382,24 +1382,59 @@ pub enum Begin {
     NotSending(CampaignStatus),
 }
 
+/// The part of [`begin_send`]'s and [`claim_send`]'s statements that begins the send: the
+/// recipient's row is updated (and locked) only if it has no send yet, checked on the row it
+/// locked, and only if `$may_begin` (an `exists` query) says so; the send is recorded for it.
+/// $1 tenant, $3 recipient, $4 the new send id, $5 channel, $6 job id.
+macro_rules! begin_ctes {
+    ($may_begin:literal) => {
+        concat!(
+            "claimed as (
+                 update message_recipients set send_id = $4
+                 where tenant_id = $1 and id = $3 and coalesce(send_id, $4) = $4
+                   and exists (",
+            $may_begin,
+            ")
+                 returning id
+             ), recorded as (
+                 insert into sends (tenant_id, id, channel, job_id)
+                 select $1, $4, $5, $6 from claimed
+                 returning id
+             )"
+        )
+    };
+}
+
 /// [`begin_send`]'s statement: $1 tenant, $2 campaign, $3 recipient, $4 the new send id,
 /// $5 channel, $6 job id.
-const BEGIN_SEND: &str = "with campaign as (
-             select c.status from message_campaigns c
-             where c.tenant_id = $1 and c.id = $2
-               and c.id = (select campaign_id from message_recipients
-                           where tenant_id = $1 and id = $3)
-         ), claimed as (
-             update message_recipients set send_id = $4
-             where tenant_id = $1 and id = $3 and coalesce(send_id, $4) = $4
-               and exists (select 1 from campaign where status in ('sending', 'completed'))
-             returning id
-         ), recorded as (
-             insert into sends (tenant_id, id, channel, job_id)
-             select $1, $4, $5, $6 from claimed
-             returning id
-         )
-         select (select status from campaign), (select count(*) from recorded)";
+const BEGIN_SEND: &str = concat!(
+    "with campaign as (
+         select c.status from message_campaigns c
+         where c.tenant_id = $1 and c.id = $2
+           and c.id = (select campaign_id from message_recipients
+                       where tenant_id = $1 and id = $3)
+     ), ",
+    begin_ctes!("select 1 from campaign where status in ('sending', 'completed')"),
+    " select (select status from campaign), (select count(*) from recorded)"
+);
+
+/// Binds the parameters [`begin_ctes`] names, and $2 the campaign, to `statement`.
+fn bind_begin<'q, O>(
+    statement: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    tenant: TenantId,
+    campaign_id: Uuid,
+    recipient_id: Uuid,
+    send_id: Uuid,
+    job_id: &'q str,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    statement
+        .bind(tenant.0)
+        .bind(campaign_id)
+        .bind(recipient_id)
+        .bind(send_id)
+        .bind(CHANNEL)
+        .bind(job_id)
+}
 
 /// Records a send for the recipient as `attempting` by `job_id`, unless the campaign is not
 /// sending or the recipient already has a send. One statement that locks nothing but the
@@ -1422,16 +1457,17 @@ pub async fn begin_send<'c>(
     job_id: &str,
 ) -> Result<Begin, Error> {
     let send_id = Uuid::now_v7();
-    let (status, recorded): (Option<String>, i64) = sqlx::query_as(BEGIN_SEND)
-        .bind(tenant.0)
-        .bind(campaign_id)
-        .bind(recipient_id)
-        .bind(send_id)
-        .bind(CHANNEL)
-        .bind(job_id)
-        .fetch_one(conn)
-        .await
-        .map_err(crate::error::tenant_must_exist)?;
+    let (status, recorded): (Option<String>, i64) = bind_begin(
+        sqlx::query_as(BEGIN_SEND),
+        tenant,
+        campaign_id,
+        recipient_id,
+        send_id,
+        job_id,
+    )
+    .fetch_one(conn)
+    .await
+    .map_err(crate::error::tenant_must_exist)?;
     let status: CampaignStatus = status
         .ok_or_else(|| Error::not_found(format!("message campaign {campaign_id}")))?
         .parse()?;
@@ -1461,21 +1497,15 @@ pub struct Expected<'a> {
 const CLAIM_SEND: &str = concat!(
     "with ctx as (",
     send_context_select!("$3"),
-    "), claimed as (
-         update message_recipients set send_id = $4
-         where tenant_id = $1 and id = $3 and coalesce(send_id, $4) = $4
-           and exists (select 1 from ctx
-                       where ctx.campaign_id = $2 and ctx.send_id is null
-                         and ctx.campaign_status in ('sending', 'completed')
-                         and ctx.settings_phone_number_id = $7
-                         and ctx.rate_per_sec = $8 and ctx.concurrency = $9)
-         returning id
-     ), recorded as (
-         insert into sends (tenant_id, id, channel, job_id)
-         select $1, $4, $5, $6 from claimed
-         returning id
-     )
-     select ctx.*, (select count(*) from recorded) as started from ctx"
+    "), ",
+    begin_ctes!(
+        "select 1 from ctx
+         where ctx.campaign_id = $2 and ctx.send_id is null
+           and ctx.campaign_status in ('sending', 'completed')
+           and ctx.settings_phone_number_id = $7
+           and ctx.rate_per_sec = $8 and ctx.concurrency = $9"
+    ),
+    " select ctx.*, (select count(*) from recorded) as started from ctx"
 );
 
 #[derive(sqlx::FromRow)]
@@ -1500,21 +1530,22 @@ pub async fn claim_send<'c>(
     expected: Expected<'_>,
 ) -> Result<(SendContext, Option<Uuid>), Error> {
     let send_id = Uuid::now_v7();
-    let record: ClaimRecord = sqlx::query_as(CLAIM_SEND)
-        .bind(tenant.0)
-        .bind(campaign_id)
-        .bind(recipient_id)
-        .bind(send_id)
-        .bind(CHANNEL)
-        .bind(job_id)
-        .bind(expected.phone_number_id)
-        .bind(i32::try_from(expected.rate_per_sec).unwrap_or(i32::MAX))
-        .bind(i32::try_from(expected.concurrency).unwrap_or(i32::MAX))
-        .fetch_optional(conn)
-        .await
-        .map_err(crate::error::tenant_must_exist)?
-        .filter(|record: &ClaimRecord| record.context.campaign_id == campaign_id)
-        .ok_or_else(|| Error::not_found(format!("recipient {recipient_id}")))?;
+    let record: ClaimRecord = bind_begin(
+        sqlx::query_as(CLAIM_SEND),
+        tenant,
+        campaign_id,
+        recipient_id,
+        send_id,
+        job_id,
+    )
+    .bind(expected.phone_number_id)
+    .bind(i32::try_from(expected.rate_per_sec).unwrap_or(i32::MAX))
+    .bind(i32::try_from(expected.concurrency).unwrap_or(i32::MAX))
+    .fetch_optional(conn)
+    .await
+    .map_err(crate::error::tenant_must_exist)?
+    .filter(|record: &ClaimRecord| record.context.campaign_id == campaign_id)
+    .ok_or_else(|| Error::not_found(format!("recipient {recipient_id}")))?;
     let started = (record.started == 1).then_some(send_id);
     Ok((context_from(record.context, recipient_id)?, started))
 }
