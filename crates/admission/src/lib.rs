@@ -186,6 +186,8 @@ impl Limit {
 pub struct LimitKey {
     redis_key: String,
     hold_key: String,
+    /// The last hold [`RateLimiter::back_off`] set (`rlback:`).
+    back_off_key: String,
     /// Used only when the key is a cap: the instant the last request the cap refused was told
     /// to come back at, so that refused requests queue in order.
     queue_key: String,
@@ -214,6 +216,61 @@ pub enum Admission {
     WaitUntil(u64),
 }
 
+/// How [`RateLimiter::back_off`] holds a limit back after the provider refused a request for
+/// going too fast: `base` at first, twice the last hold's length for each refusal that comes
+/// less than `quiet` after the last hold ended, never more than `longest`
+/// (docs/decisions/0015-throttle-back-off.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackOff {
+    base: Duration,
+    longest: Duration,
+    quiet: Duration,
+}
+
+impl BackOff {
+    /// The base wait is at least a millisecond, and the longest no shorter than the base.
+    pub const fn new(base: Duration, longest: Duration, quiet: Duration) -> Self {
+        let base = if base.as_micros() < 1_000 {
+            Duration::from_millis(1)
+        } else {
+            base
+        };
+        let longest = if longest.as_micros() < base.as_micros() {
+            base
+        } else {
+            longest
+        };
+        Self {
+            base,
+            longest,
+            quiet,
+        }
+    }
+
+    pub fn base(&self) -> Duration {
+        self.base
+    }
+
+    pub fn longest(&self) -> Duration {
+        self.longest
+    }
+
+    pub fn quiet(&self) -> Duration {
+        self.quiet
+    }
+}
+
+/// What [`RateLimiter::back_off`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackedOff {
+    /// The instant (Unix milliseconds) the hold in force ends, or now if there is none: come
+    /// back then.
+    pub until_ms: u64,
+    /// The length of the hold this refusal set; `None` when the request had been admitted
+    /// before the last hold began, which already answers its refusal.
+    pub held_for: Option<Duration>,
+}
+
 /// Fleet-wide rate limits in Redis. Cheap to clone; clones share the connection.
 #[derive(Clone)]
 pub struct RateLimiter {
@@ -227,6 +284,7 @@ struct Scripts {
     admit: redis::Script,
     reserve: redis::Script,
     hold: redis::Script,
+    back_off: redis::Script,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -247,7 +305,7 @@ fn valid_name(name: &str) -> bool {
 
 impl RateLimiter {
     /// A limiter whose keys are `<namespace>:v1:{<hash_tag>}:rl:<name>` (holds under `rlhold:`,
-    /// reservations under `rlres:`). Use the queue's
+    /// the last back-off under `rlback:`, reservations under `rlres:`). Use the queue's
     /// namespace and, as `hash_tag`, the name of the queue whose jobs are admitted, so limiter
     /// and queue share a cluster slot.
     pub fn new(conn: Connection, namespace: &str, hash_tag: &str) -> Result<Self, Error> {
@@ -264,6 +322,7 @@ impl RateLimiter {
                 admit: redis::Script::new(include_str!("../lua/admit.lua")),
                 reserve: redis::Script::new(include_str!("../lua/reserve.lua")),
                 hold: redis::Script::new(include_str!("../lua/hold.lua")),
+                back_off: redis::Script::new(include_str!("../lua/back_off.lua")),
             }),
         })
     }
@@ -276,6 +335,7 @@ impl RateLimiter {
         Ok(LimitKey {
             redis_key: format!("{}rl:{name}", self.prefix),
             hold_key: format!("{}rlhold:{name}", self.prefix),
+            back_off_key: format!("{}rlback:{name}", self.prefix),
             queue_key: format!("{}rlq:{name}", self.prefix),
             limit,
         })
@@ -472,6 +532,64 @@ impl RateLimiter {
     /// [`hold`](Self::hold) at an explicit instant, as [`admit_at`](Self::admit_at).
     pub async fn hold_at(&self, key: &LimitKey, until_ms: u64, now_ms: u64) -> Result<(), Error> {
         self.run_hold(key, until_ms, Some(now_ms)).await
+    }
+
+    /// Holds `key` back after the provider refused a request for going too fast, for a wait
+    /// that grows while the refusals keep coming ([`BackOff`]), and says when to come back.
+    /// `admitted_ago` is how long ago the refused request was admitted: a request admitted
+    /// before the last back-off began was refused for what that hold already answers, and
+    /// changes nothing. Holds as [`hold`](Self::hold) does; never shortens a longer hold.
+    pub async fn back_off(
+        &self,
+        key: &LimitKey,
+        back_off: &BackOff,
+        admitted_ago: Duration,
+    ) -> Result<BackedOff, Error> {
+        self.run_back_off(key, back_off, admitted_ago, None).await
+    }
+
+    /// [`back_off`](Self::back_off) at an explicit instant, as [`admit_at`](Self::admit_at).
+    pub async fn back_off_at(
+        &self,
+        key: &LimitKey,
+        back_off: &BackOff,
+        admitted_ago: Duration,
+        now_ms: u64,
+    ) -> Result<BackedOff, Error> {
+        self.run_back_off(key, back_off, admitted_ago, Some(now_ms))
+            .await
+    }
+
+    async fn run_back_off(
+        &self,
+        key: &LimitKey,
+        back_off: &BackOff,
+        admitted_ago: Duration,
+        now_ms: Option<u64>,
+    ) -> Result<BackedOff, Error> {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let mut conn = self.conn.clone();
+        let (until, held_for): (String, String) = self
+            .scripts
+            .back_off
+            .key(&key.redis_key)
+            .key(&key.hold_key)
+            .key(&key.back_off_key)
+            .arg(micros(admitted_ago))
+            .arg(micros(back_off.base))
+            .arg(micros(back_off.longest))
+            .arg(micros(back_off.quiet))
+            .arg(key.limit.tolerance_us())
+            .arg(now_arg(now_ms))
+            .invoke_async(&mut conn)
+            .await?;
+        let held_for: u64 = held_for
+            .parse()
+            .map_err(|_| Error::Protocol(format!("hold length {held_for:?}")))?;
+        Ok(BackedOff {
+            until_ms: parse_instant_ms(&until)?,
+            held_for: (held_for > 0).then(|| Duration::from_micros(held_for)),
+        })
     }
 
     async fn run_hold(

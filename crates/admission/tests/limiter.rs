@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_admission::{Admission, Connection, Limit, RateLimiter};
+use herald_admission::{Admission, BackOff, BackedOff, Connection, Limit, RateLimiter};
 use herald_core::now_ms;
 
 fn redis_url() -> String {
@@ -178,6 +178,187 @@ async fn a_hold_blocks_the_key_until_its_time_and_never_shortens() {
         limiter.admit_at(&both, t + 30_100).await.unwrap(),
         Admission::WaitUntil(t + 30_200)
     );
+}
+
+fn throttle_back_off() -> BackOff {
+    BackOff::new(
+        Duration::from_millis(25),
+        Duration::from_millis(400),
+        Duration::from_secs(1),
+    )
+}
+
+const MS: Duration = Duration::from_millis(1);
+
+#[tokio::test]
+async fn a_back_off_holds_the_key_for_its_base_wait_then_admits() {
+    let limiter = limiter().await;
+    let number = limiter
+        .key("number:1", Limit::per_second(1000.0).unwrap())
+        .unwrap();
+    let back_off = throttle_back_off();
+    let t = 1_900_000_000_000u64;
+    let one = std::slice::from_ref(&number);
+    assert_eq!(limiter.admit_at(one, t).await.unwrap(), Admission::Admitted);
+    let held = limiter
+        .back_off_at(&number, &back_off, 3 * MS, t + 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        held,
+        BackedOff {
+            until_ms: t + 28,
+            held_for: Some(25 * MS)
+        }
+    );
+    assert_eq!(
+        limiter.admit_at(one, t + 27).await.unwrap(),
+        Admission::WaitUntil(t + 28)
+    );
+    assert_eq!(
+        limiter.admit_at(one, t + 28).await.unwrap(),
+        Admission::Admitted
+    );
+}
+
+#[tokio::test]
+async fn refusals_of_requests_admitted_before_the_hold_change_nothing() {
+    let limiter = limiter().await;
+    let number = limiter
+        .key("number:1", Limit::per_second(1000.0).unwrap())
+        .unwrap();
+    let back_off = throttle_back_off();
+    let t = 1_900_000_000_000u64;
+    // Five requests in flight, admitted at t .. t+4, all refused at t+10 .. t+14.
+    let first = limiter
+        .back_off_at(&number, &back_off, 10 * MS, t + 10)
+        .await
+        .unwrap();
+    assert_eq!(first.held_for, Some(25 * MS));
+    for i in 1..5u64 {
+        let later = limiter
+            .back_off_at(&number, &back_off, 10 * MS, t + 10 + i)
+            .await
+            .unwrap();
+        assert_eq!(
+            later,
+            BackedOff {
+                until_ms: t + 35,
+                held_for: None
+            },
+            "refusal {i}"
+        );
+    }
+    // One admitted before the hold and refused after it ended: nothing to hold, come back now.
+    assert_eq!(
+        limiter
+            .back_off_at(&number, &back_off, 40 * MS, t + 45)
+            .await
+            .unwrap(),
+        BackedOff {
+            until_ms: t + 45,
+            held_for: None
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_back_off_doubles_while_refusals_keep_coming_up_to_the_longest() {
+    let limiter = limiter().await;
+    let number = limiter
+        .key("number:1", Limit::per_second(1000.0).unwrap())
+        .unwrap();
+    let back_off = throttle_back_off();
+    let t = 1_900_000_000_000u64;
+    let mut now = t;
+    let mut lengths = Vec::new();
+    for _ in 0..7 {
+        // Admitted as the last hold ended, refused 2 ms later.
+        let held = limiter
+            .back_off_at(&number, &back_off, 2 * MS, now + 2)
+            .await
+            .unwrap();
+        let length = held.held_for.expect("a fresh refusal holds");
+        assert_eq!(held.until_ms, now + 2 + length.as_millis() as u64);
+        lengths.push(length.as_millis() as u64);
+        assert_eq!(
+            limiter
+                .admit_at(std::slice::from_ref(&number), held.until_ms - 1)
+                .await
+                .unwrap(),
+            Admission::WaitUntil(held.until_ms)
+        );
+        now = held.until_ms;
+    }
+    assert_eq!(lengths, [25, 50, 100, 200, 400, 400, 400]);
+}
+
+#[tokio::test]
+async fn a_quiet_spell_brings_the_back_off_down_to_its_base() {
+    let limiter = limiter().await;
+    let number = limiter
+        .key("number:1", Limit::per_second(1000.0).unwrap())
+        .unwrap();
+    let back_off = throttle_back_off();
+    let t = 1_900_000_000_000u64;
+    let first = limiter
+        .back_off_at(&number, &back_off, MS, t)
+        .await
+        .unwrap();
+    let second = limiter
+        .back_off_at(&number, &back_off, MS, first.until_ms + 999)
+        .await
+        .unwrap();
+    assert_eq!(second.held_for, Some(50 * MS), "within the quiet spell");
+    let third = limiter
+        .back_off_at(&number, &back_off, MS, second.until_ms + 1_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        third.held_for,
+        Some(25 * MS),
+        "a quiet second after the hold"
+    );
+}
+
+#[tokio::test]
+async fn a_back_off_never_shortens_a_longer_hold() {
+    let limiter = limiter().await;
+    let number = limiter
+        .key("number:1", Limit::per_second(1000.0).unwrap())
+        .unwrap();
+    let t = 1_900_000_000_000u64;
+    // Meta said Retry-After: 1.
+    limiter.hold_at(&number, t + 1_000, t).await.unwrap();
+    let held = limiter
+        .back_off_at(&number, &throttle_back_off(), MS, t + 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        held,
+        BackedOff {
+            until_ms: t + 1_000,
+            held_for: Some(25 * MS)
+        }
+    );
+    assert_eq!(
+        limiter
+            .admit_at(std::slice::from_ref(&number), t + 500)
+            .await
+            .unwrap(),
+        Admission::WaitUntil(t + 1_000)
+    );
+}
+
+#[test]
+fn a_back_off_waits_a_millisecond_at_least_and_never_less_than_its_base() {
+    let s = Duration::from_secs(1);
+    let zero = BackOff::new(Duration::ZERO, s, s);
+    assert_eq!((zero.base(), zero.longest()), (MS, s));
+    let inverted = BackOff::new(2 * s, s, s);
+    assert_eq!((inverted.base(), inverted.longest()), (2 * s, 2 * s));
+    let ok = BackOff::new(25 * MS, s, s);
+    assert_eq!((ok.base(), ok.longest(), ok.quiet()), (25 * MS, s, s));
 }
 
 #[tokio::test]

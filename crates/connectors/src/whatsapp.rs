@@ -23,12 +23,10 @@ pub const DEFAULT_API_URL: &str = "https://graph.facebook.com";
 pub const API_VERSION: &str = "v21.0";
 /// The per-request timeout unless configured otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a sender number waits after Meta's throughput error (130429) without a hint.
-/// Meta counts messages per second: a fifth of a second frees a fifth of that second's count.
-/// Shorter than the send step's pacing tolerance (250 ms), so the campaign's steps after the
-/// hold still go on arrival instead of each waiting for its slot. A whole second paused the
-/// number for that second and put every later step a second ahead of its slot (measured at
-/// 1,000 msg/s: 665–831 msg/s with 1 s, 912–943 with 200 ms, ADR 0014).
+/// How long a message waits after Meta's throughput error (130429) without a hint. Meta counts
+/// messages per second: a fifth of a second frees a fifth of that second's count. A campaign's
+/// send step backs its number off for less, fleet-wide (`THROUGHPUT_BACK_OFF` in herald-jobs,
+/// ADR 0015), and waits this long only when that cannot be recorded.
 pub const THROUGHPUT_WAIT: Duration = Duration::from_millis(200);
 /// How long one recipient waits after the pair rate limit (131056): about one message per
 /// 6 s to the same user.
@@ -57,12 +55,14 @@ pub enum Throttle {
 /// A send that did not succeed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    /// A rate limit: try the same message again after `wait`; nothing was sent.
+    /// A rate limit: try the same message again after `wait`; nothing was sent. `told`: the
+    /// wait is Meta's own (`Retry-After`), not this client's default for the limit.
     #[error("WhatsApp throttled the request ({kind:?}, code {code:?}); retry after {wait:?}")]
     Throttled {
         kind: Throttle,
         code: Option<i64>,
         wait: Duration,
+        told: bool,
     },
     /// 401, or OAuth errors (190): the token is wrong or expired.
     #[error("WhatsApp refused the token (code {code:?}): {message}")]
@@ -110,16 +110,19 @@ impl Error {
         if message.is_empty() {
             message = String::from_utf8_lossy(body).chars().take(200).collect();
         }
+        let told = retry_after.is_some();
         match (status, code) {
             (_, Some(CODE_THROUGHPUT)) => Error::Throttled {
                 kind: Throttle::Throughput,
                 code,
                 wait: retry_after.unwrap_or(THROUGHPUT_WAIT),
+                told,
             },
             (_, Some(CODE_PAIR_RATE)) => Error::Throttled {
                 kind: Throttle::Pair,
                 code,
                 wait: retry_after.unwrap_or(PAIR_WAIT),
+                told,
             },
             (_, Some(4 | 80_007)) | (429, _) => Error::Throttled {
                 kind: Throttle::Account,
@@ -129,6 +132,7 @@ impl Error {
                 } else {
                     ACCOUNT_WAIT
                 }),
+                told,
             },
             (401, _) | (_, Some(190)) => Error::Unauthorized { code, message },
             (500..=599, _) => Error::Server { status },
@@ -394,7 +398,7 @@ mod tests {
         let body = br#"{"error":{"message":"(#130429) Rate limit hit","type":"OAuthException","code":130429,"error_data":{"messaging_product":"whatsapp","details":"Cloud API message throughput has been reached."}}}"#;
         assert!(matches!(
             Error::from_response(400, None, body),
-            Error::Throttled { kind: Throttle::Throughput, wait, .. } if wait == THROUGHPUT_WAIT
+            Error::Throttled { kind: Throttle::Throughput, wait, told: false, .. } if wait == THROUGHPUT_WAIT
         ));
         let pair = br#"{"error":{"message":"(#131056) pair rate limit","code":131056}}"#;
         assert!(matches!(
@@ -403,7 +407,7 @@ mod tests {
         ));
         assert!(matches!(
             Error::from_response(429, Some(Duration::from_secs(3)), b""),
-            Error::Throttled { wait, .. } if wait == Duration::from_secs(3)
+            Error::Throttled { wait, told: true, .. } if wait == Duration::from_secs(3)
         ));
         assert!(matches!(
             Error::from_response(

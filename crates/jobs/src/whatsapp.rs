@@ -44,11 +44,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use apalis_core::task::data::Data;
 use herald_admission::{
-    Admission, Connection, Limit, LimitKey, RateLimiter, SlotAdmission, SlotRequest, Slots,
+    Admission, BackOff, Connection, Limit, LimitKey, RateLimiter, SlotAdmission, SlotRequest, Slots,
 };
 use herald_connectors::whatsapp::{
     self as meta, Account, DEFAULT_API_URL, DEFAULT_TIMEOUT, TemplateMessage, Throttle,
@@ -114,6 +114,21 @@ pub const LEAD_PER_STEP: Duration = Duration::from_micros(30);
 /// their slots late) and its slack, `CAP_MARGIN` × 1 s (10 ms), is a burst tolerance that still
 /// never admits more than the configured rate in one second.
 pub const CAP_MARGIN: f64 = RATE_MARGIN / 2.0;
+
+/// How a sender number is held back after Meta's throughput error (130429) without a
+/// `Retry-After`: 25 ms, doubling for each throughput error that comes less than a second
+/// after the last hold ended, up to 200 ms (ADR 0015). At a rate the number's tier carries, an
+/// error means arrival jitter put a send or two too many in one of Meta's seconds, which a few
+/// milliseconds undo, and every millisecond held is a millisecond of the campaign's rate lost
+/// (measured at 1,000 msg/s: 916–954 msg/s with a fixed 200 ms, 967–977 with this). A tier
+/// below the configured rate throttles again at once, and the hold grows to 200 ms, the fixed
+/// hold it replaces (a second idled such a number for most of each second). An error for a
+/// step admitted before the last hold began changes nothing: that hold answers it.
+pub const THROUGHPUT_BACK_OFF: BackOff = BackOff::new(
+    Duration::from_millis(25),
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+);
 
 /// The lease of a campaign's concurrency slot: as long as an `attempting` send of a dead job
 /// used to count against the campaign (twice the job's timeout). A slot is given back long
@@ -313,7 +328,9 @@ impl WhatsApp {
     }
 
     /// Admits a step under the number's cap, or reserves its slot and says when to come back.
-    async fn admit(&self, sender: &Sender, reservation: &str) -> Result<(), JobError> {
+    /// `Ok`: the instant just before the limiter was asked (the admission is no earlier).
+    async fn admit(&self, sender: &Sender, reservation: &str) -> Result<Instant, JobError> {
+        let asked = Instant::now();
         match self
             .limiter
             .admit_reserving_capped(
@@ -324,7 +341,7 @@ impl WhatsApp {
             )
             .await
         {
-            Ok(Admission::Admitted) => Ok(()),
+            Ok(Admission::Admitted) => Ok(asked),
             Ok(Admission::WaitUntil(until_ms)) => Err(JobError::defer_until(
                 format!(
                     "rate limit: WhatsApp number {} is at {} msg/s",
@@ -342,18 +359,19 @@ impl WhatsApp {
     /// query, and a step coming back to the slot it reserved takes it on time, not as late as
     /// its reads (on a loaded database, enough to bunch two sends). The price: a step that
     /// finds its campaign paused, or its recipient already sent, has used a slot for nothing.
-    /// `Ok(Some(sender))`: admitted on `sender`; `Ok(None)`: no sender remembered.
+    /// `Ok(Some((sender, at)))`: admitted on `sender` at `at` ([`admit`](Self::admit));
+    /// `Ok(None)`: no sender remembered.
     async fn admit_remembered(
         &self,
         tenant: TenantId,
         campaign: Uuid,
         reservation: &str,
-    ) -> Result<Option<Sender>, JobError> {
+    ) -> Result<Option<(Sender, Instant)>, JobError> {
         let Some(sender) = self.remembered_sender(tenant, campaign) else {
             return Ok(None);
         };
-        self.admit(&sender, reservation).await?;
-        Ok(Some(sender))
+        let at = self.admit(&sender, reservation).await?;
+        Ok(Some((sender, at)))
     }
 
     /// Takes one of the campaign's `concurrency` slots for the job, or says when to try again.
@@ -516,7 +534,7 @@ pub async fn run_send(
         }
         None => None,
     };
-    let step_on = |whatsapp| Step {
+    let step_on = |whatsapp, admitted_at| Step {
         pool,
         whatsapp,
         tenant,
@@ -524,11 +542,12 @@ pub async fn run_send(
         outbox,
         job,
         last_attempt,
+        admitted_at,
     };
     let mut conn = connection(pool).await?;
     let mut claimed_context = None;
-    if let (Some(whatsapp), Some(sender)) = (deps.whatsapp.as_deref(), admitted_on.as_ref()) {
-        match claim_and_send(&step_on(whatsapp), sender, conn).await? {
+    if let (Some(whatsapp), Some((sender, at))) = (deps.whatsapp.as_deref(), admitted_on.as_ref()) {
+        match claim_and_send(&step_on(whatsapp, *at), sender, conn).await? {
             Claimed::Sent(finished) => return Ok(finished),
             Claimed::NotBegun(ctx, returned) => {
                 claimed_context = Some(*ctx);
@@ -591,16 +610,19 @@ pub async fn run_send(
         .map_err(|e| JobError::permanent(format!("rate limit: {e}")))?;
     // Admitted on the remembered sender, unless the tenant's number or the campaign's rate
     // changed since (that slot is then lost, and the step asks the current number).
-    let admitted = admitted_on.is_some_and(|on| {
-        on.phone_number_id == sender.phone_number_id && on.rate_per_sec == sender.rate_per_sec
-    });
-    if !admitted {
-        whatsapp.admit(&sender, &reservation).await?;
-    }
+    let admitted_at = match admitted_on {
+        Some((on, at))
+            if on.phone_number_id == sender.phone_number_id
+                && on.rate_per_sec == sender.rate_per_sec =>
+        {
+            at
+        }
+        _ => whatsapp.admit(&sender, &reservation).await?,
+    };
     whatsapp
         .take_concurrency_slot(tenant, job.campaign_id, job_id, ctx.concurrency)
         .await?;
-    let step = step_on(whatsapp);
+    let step = step_on(whatsapp, admitted_at);
     let outcome = attempt(&step, conn, &ctx, &settings, &sender).await;
     whatsapp
         .release_concurrency_slot(tenant, job.campaign_id, job_id)
@@ -681,6 +703,8 @@ struct Step<'a> {
     outbox: Option<Uuid>,
     job: &'a WhatsAppSend,
     last_attempt: bool,
+    /// When the step was admitted by the number's limiter (no later than this).
+    admitted_at: Instant,
 }
 
 /// The attempt proper, under the job's concurrency slot: record it on `conn` (given back
@@ -761,14 +785,14 @@ async fn call_and_record(
             .await?;
             complete_if_done(&mut *conn, tenant, job.campaign_id, outbox).await
         }
-        Err(meta::Error::Throttled { kind, wait, code }) => {
+        Err(meta::Error::Throttled {
+            kind,
+            wait,
+            code,
+            told,
+        }) => {
             undo().await?;
-            let until_ms = until(wait);
-            if kind != Throttle::Pair
-                && let Err(e) = whatsapp.limiter.hold(&sender.key, until_ms).await
-            {
-                tracing::warn!(error = %e, "holding a throttled WhatsApp number back failed");
-            }
+            let until_ms = hold_back(whatsapp, sender, kind, wait, told, step.admitted_at).await;
             Err(JobError::defer_until(
                 format!("rate limit: WhatsApp throttled the send ({kind:?}, code {code:?})"),
                 until_ms,
@@ -794,6 +818,37 @@ async fn call_and_record(
             Err(JobError::retry(error.to_string()))
         }
     }
+}
+
+/// Holds the number back after Meta throttled a send, and says when the step comes back.
+/// Meta's own wait (`Retry-After`) is held as told; a throughput error without one backs the
+/// number off ([`THROUGHPUT_BACK_OFF`]); the pair limit holds only the recipient (the step).
+async fn hold_back(
+    whatsapp: &WhatsApp,
+    sender: &Sender,
+    kind: Throttle,
+    wait: Duration,
+    told: bool,
+    admitted_at: Instant,
+) -> u64 {
+    let until_ms = until(wait);
+    let held = match kind {
+        Throttle::Pair => return until_ms,
+        Throttle::Throughput if !told => whatsapp
+            .limiter
+            .back_off(&sender.key, &THROUGHPUT_BACK_OFF, admitted_at.elapsed())
+            .await
+            .map(|backed| backed.until_ms),
+        Throttle::Throughput | Throttle::Account => whatsapp
+            .limiter
+            .hold(&sender.key, until_ms)
+            .await
+            .map(|()| until_ms),
+    };
+    held.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "holding a throttled WhatsApp number back failed");
+        until_ms
+    })
 }
 
 /// Records the send `failed` with Meta's error, then completes the campaign if it was the last
