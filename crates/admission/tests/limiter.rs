@@ -180,83 +180,86 @@ async fn a_hold_blocks_the_key_until_its_time_and_never_shortens() {
     );
 }
 
-fn throttle_back_off() -> BackOff {
-    BackOff::new(
-        Duration::from_millis(25),
-        Duration::from_millis(400),
-        Duration::from_secs(1),
-    )
-}
-
 const MS: Duration = Duration::from_millis(1);
 
-#[tokio::test]
-async fn a_back_off_holds_the_key_for_its_base_wait_then_admits() {
+/// The back-off tests' instant zero.
+const T: u64 = 1_900_000_000_000;
+
+/// A limiter, a number limited at 1,000/s on it, and a back-off of 25 ms up to 400 ms with a
+/// quiet second.
+async fn backing_off() -> (RateLimiter, herald_admission::LimitKey, BackOff) {
     let limiter = limiter().await;
     let number = limiter
         .key("number:1", Limit::per_second(1000.0).unwrap())
         .unwrap();
-    let back_off = throttle_back_off();
-    let t = 1_900_000_000_000u64;
-    let one = std::slice::from_ref(&number);
-    assert_eq!(limiter.admit_at(one, t).await.unwrap(), Admission::Admitted);
-    let held = limiter
-        .back_off_at(&number, &back_off, 3 * MS, t + 3)
-        .await
-        .unwrap();
+    let back_off = BackOff::new(25 * MS, 400 * MS, Duration::from_secs(1));
+    (limiter, number, back_off)
+}
+
+/// The number admits nothing before `until_ms`, and admits at it.
+async fn held_until(limiter: &RateLimiter, number: &herald_admission::LimitKey, until_ms: u64) {
+    let one = std::slice::from_ref(number);
     assert_eq!(
-        held,
-        BackedOff {
-            until_ms: t + 28,
-            held_for: Some(25 * MS)
-        }
+        limiter.admit_at(one, until_ms - 1).await.unwrap(),
+        Admission::WaitUntil(until_ms)
     );
     assert_eq!(
-        limiter.admit_at(one, t + 27).await.unwrap(),
-        Admission::WaitUntil(t + 28)
-    );
-    assert_eq!(
-        limiter.admit_at(one, t + 28).await.unwrap(),
+        limiter.admit_at(one, until_ms).await.unwrap(),
         Admission::Admitted
     );
 }
 
 #[tokio::test]
-async fn refusals_of_requests_admitted_before_the_hold_change_nothing() {
-    let limiter = limiter().await;
-    let number = limiter
-        .key("number:1", Limit::per_second(1000.0).unwrap())
+async fn a_back_off_holds_the_key_for_its_base_wait_then_admits() {
+    let (limiter, number, back_off) = backing_off().await;
+    let one = std::slice::from_ref(&number);
+    assert_eq!(limiter.admit_at(one, T).await.unwrap(), Admission::Admitted);
+    let held = limiter
+        .back_off_at(&number, &back_off, 3 * MS, T + 3)
+        .await
         .unwrap();
-    let back_off = throttle_back_off();
-    let t = 1_900_000_000_000u64;
-    // Five requests in flight, admitted at t .. t+4, all refused at t+10 .. t+14.
+    assert_eq!(
+        held,
+        BackedOff {
+            until_ms: T + 28,
+            held_for: Some(25 * MS)
+        }
+    );
+    held_until(&limiter, &number, T + 28).await;
+}
+
+#[tokio::test]
+async fn refusals_of_requests_admitted_before_the_hold_change_nothing() {
+    let (limiter, number, back_off) = backing_off().await;
+    // Five requests in flight, admitted at T .. T+4, all refused at T+10 .. T+14.
     let first = limiter
-        .back_off_at(&number, &back_off, 10 * MS, t + 10)
+        .back_off_at(&number, &back_off, 10 * MS, T + 10)
         .await
         .unwrap();
     assert_eq!(first.held_for, Some(25 * MS));
     for i in 1..5u64 {
         let later = limiter
-            .back_off_at(&number, &back_off, 10 * MS, t + 10 + i)
+            .back_off_at(&number, &back_off, 10 * MS, T + 10 + i)
             .await
             .unwrap();
         assert_eq!(
             later,
             BackedOff {
-                until_ms: t + 35,
+                until_ms: T + 35,
                 held_for: None
             },
             "refusal {i}"
         );
     }
+    held_until(&limiter, &number, T + 35).await;
     // One admitted before the hold and refused after it ended: nothing to hold, come back now.
     assert_eq!(
         limiter
-            .back_off_at(&number, &back_off, 40 * MS, t + 45)
+            .back_off_at(&number, &back_off, 40 * MS, T + 45)
             .await
             .unwrap(),
         BackedOff {
-            until_ms: t + 45,
+            until_ms: T + 45,
             held_for: None
         }
     );
@@ -264,13 +267,8 @@ async fn refusals_of_requests_admitted_before_the_hold_change_nothing() {
 
 #[tokio::test]
 async fn a_back_off_doubles_while_refusals_keep_coming_up_to_the_longest() {
-    let limiter = limiter().await;
-    let number = limiter
-        .key("number:1", Limit::per_second(1000.0).unwrap())
-        .unwrap();
-    let back_off = throttle_back_off();
-    let t = 1_900_000_000_000u64;
-    let mut now = t;
+    let (limiter, number, back_off) = backing_off().await;
+    let mut now = T;
     let mut lengths = Vec::new();
     for _ in 0..7 {
         // Admitted as the last hold ended, refused 2 ms later.
@@ -281,13 +279,7 @@ async fn a_back_off_doubles_while_refusals_keep_coming_up_to_the_longest() {
         let length = held.held_for.expect("a fresh refusal holds");
         assert_eq!(held.until_ms, now + 2 + length.as_millis() as u64);
         lengths.push(length.as_millis() as u64);
-        assert_eq!(
-            limiter
-                .admit_at(std::slice::from_ref(&number), held.until_ms - 1)
-                .await
-                .unwrap(),
-            Admission::WaitUntil(held.until_ms)
-        );
+        held_until(&limiter, &number, held.until_ms).await;
         now = held.until_ms;
     }
     assert_eq!(lengths, [25, 50, 100, 200, 400, 400, 400]);
@@ -295,14 +287,9 @@ async fn a_back_off_doubles_while_refusals_keep_coming_up_to_the_longest() {
 
 #[tokio::test]
 async fn a_quiet_spell_brings_the_back_off_down_to_its_base() {
-    let limiter = limiter().await;
-    let number = limiter
-        .key("number:1", Limit::per_second(1000.0).unwrap())
-        .unwrap();
-    let back_off = throttle_back_off();
-    let t = 1_900_000_000_000u64;
+    let (limiter, number, back_off) = backing_off().await;
     let first = limiter
-        .back_off_at(&number, &back_off, MS, t)
+        .back_off_at(&number, &back_off, MS, T)
         .await
         .unwrap();
     let second = limiter
@@ -323,31 +310,21 @@ async fn a_quiet_spell_brings_the_back_off_down_to_its_base() {
 
 #[tokio::test]
 async fn a_back_off_never_shortens_a_longer_hold() {
-    let limiter = limiter().await;
-    let number = limiter
-        .key("number:1", Limit::per_second(1000.0).unwrap())
-        .unwrap();
-    let t = 1_900_000_000_000u64;
+    let (limiter, number, back_off) = backing_off().await;
     // Meta said Retry-After: 1.
-    limiter.hold_at(&number, t + 1_000, t).await.unwrap();
+    limiter.hold_at(&number, T + 1_000, T).await.unwrap();
     let held = limiter
-        .back_off_at(&number, &throttle_back_off(), MS, t + 5)
+        .back_off_at(&number, &back_off, MS, T + 5)
         .await
         .unwrap();
     assert_eq!(
         held,
         BackedOff {
-            until_ms: t + 1_000,
+            until_ms: T + 1_000,
             held_for: Some(25 * MS)
         }
     );
-    assert_eq!(
-        limiter
-            .admit_at(std::slice::from_ref(&number), t + 500)
-            .await
-            .unwrap(),
-        Admission::WaitUntil(t + 1_000)
-    );
+    held_until(&limiter, &number, T + 1_000).await;
 }
 
 #[test]
