@@ -7,13 +7,7 @@
 -- Returns {1, now} when admitted, {0, earliest} when not: `earliest` is the first instant
 -- (microseconds) at which every limit would admit. A refusal changes nothing, so a request
 -- the token refuses does not use the base's slot.
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
+local now = now_us(ARGV[1])
 
 local earliest = 0
 local next_tats = {}

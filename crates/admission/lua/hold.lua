@@ -8,24 +8,6 @@
 -- ARGV[3]: now in microseconds, or '' to use Redis's own clock.
 --
 -- A hold never shortens an existing one. Returns the TAT now in force.
-local now
-if ARGV[3] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[3])
-end
-local until_us = tonumber(ARGV[1])
-local held_until = tonumber(redis.call('GET', KEYS[2]) or '0')
-if until_us > held_until then
-  local ttl_ms = math.max(math.ceil((until_us - now) / 1000), 0) + 1000
-  redis.call('SET', KEYS[2], string.format('%.0f', until_us), 'PX', ttl_ms)
-end
-local target = until_us + tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if target > tat then
-  local ttl_ms = math.max(math.ceil((target - now) / 1000), 0) + 1000
-  redis.call('SET', KEYS[1], string.format('%.0f', target), 'PX', ttl_ms)
-  tat = target
-end
+local now = now_us(ARGV[3])
+local _, tat = hold_until(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), now)
 return string.format('%.0f', tat)

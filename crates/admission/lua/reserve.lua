@@ -20,13 +20,7 @@
 -- does not, the reservation moves to the instant the cap names (nothing is forfeited). A
 -- reservation a hold covers or the caller came back to too late is forfeited (its slot stays
 -- unused) and the request reserves again behind everyone already waiting.
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
+local now = now_us(ARGV[1])
 local grace = tonumber(ARGV[2])
 local cap_interval = tonumber(ARGV[3])
 local cap_tolerance = tonumber(ARGV[4])

@@ -95,7 +95,7 @@ impl Limit {
 
     /// One request every `interval`, evenly spaced.
     pub fn every(interval: Duration) -> Result<Self, Error> {
-        let interval_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+        let interval_us = micros(interval);
         if interval_us == 0 {
             return Err(Error::InvalidLimit("interval must not be zero".into()));
         }
@@ -113,8 +113,8 @@ impl Limit {
     /// `(k − 1) × interval − tolerance`, so `n + 1` would span at least `window`: never in one
     /// window. The longer `interval`, the more a burst is tolerated and the slower the pace.
     pub fn at_most(n: u32, window: Duration, interval: Duration) -> Result<Self, Error> {
-        let window_us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
-        let interval_us = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX);
+        let window_us = micros(window);
+        let interval_us = micros(interval);
         let span_us = u64::from(n).saturating_mul(interval_us);
         if n == 0 || interval_us == 0 || span_us < window_us {
             return Err(Error::InvalidLimit(format!(
@@ -147,7 +147,7 @@ impl Limit {
     /// `(n − 1) × interval − lateness` (with burst 1). Keep it under the pacing margin's slack:
     /// with a 5 req/s limit paced 2 % under it, six requests span at least 1.02 s − `lateness`.
     pub fn with_lateness(self, lateness: Duration) -> Result<Self, Error> {
-        let lateness_us = u64::try_from(lateness.as_micros()).unwrap_or(u64::MAX);
+        let lateness_us = micros(lateness);
         if lateness_us >= self.interval_us {
             return Err(Error::InvalidLimit(format!(
                 "lateness {lateness:?} must be shorter than the interval {:?}",
@@ -295,6 +295,16 @@ impl std::fmt::Debug for RateLimiter {
     }
 }
 
+/// A limiter script with the helpers it shares with the others (`lua/limits.lua`) prepended.
+fn with_helpers(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{}\n{body}", include_str!("../lua/limits.lua")))
+}
+
+/// A duration in whole microseconds, as the scripts take it.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 200
@@ -319,10 +329,10 @@ impl RateLimiter {
             conn,
             prefix: format!("{namespace}:{LAYOUT_VERSION}:{{{hash_tag}}}:"),
             scripts: Arc::new(Scripts {
-                admit: redis::Script::new(include_str!("../lua/admit.lua")),
-                reserve: redis::Script::new(include_str!("../lua/reserve.lua")),
-                hold: redis::Script::new(include_str!("../lua/hold.lua")),
-                back_off: redis::Script::new(include_str!("../lua/back_off.lua")),
+                admit: with_helpers(include_str!("../lua/admit.lua")),
+                reserve: with_helpers(include_str!("../lua/reserve.lua")),
+                hold: with_helpers(include_str!("../lua/hold.lua")),
+                back_off: with_helpers(include_str!("../lua/back_off.lua")),
             }),
         })
     }
@@ -478,9 +488,7 @@ impl RateLimiter {
             invocation.key(&key.hold_key);
         }
         invocation.key(&reservation_key);
-        invocation
-            .arg(now_arg(now_ms))
-            .arg(u64::try_from(grace.as_micros()).unwrap_or(u64::MAX));
+        invocation.arg(now_arg(now_ms)).arg(micros(grace));
         match cap {
             Some(cap) => {
                 invocation.key(&cap.redis_key).key(&cap.queue_key);
@@ -567,7 +575,6 @@ impl RateLimiter {
         admitted_ago: Duration,
         now_ms: Option<u64>,
     ) -> Result<BackedOff, Error> {
-        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         let mut conn = self.conn.clone();
         let (until, held_for): (String, String) = self
             .scripts
